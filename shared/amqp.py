@@ -1,0 +1,204 @@
+"""The one module that talks AMQP: connect, declare, publish with confirms, consume.
+
+Services never touch channels directly. Connections here are plain (not
+"robust"): robust connections are known to come back without their consumers,
+so both the publisher and the consume loop own their reconnection, which is
+explicit and testable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aiormq.exceptions
+import structlog
+
+EVENTS_EXCHANGE = "interlude.events"
+DEAD_LETTER_EXCHANGE = "interlude.dead"
+# How often a failing handler is retried before the broker dead-letters it.
+DELIVERY_LIMIT = 5
+
+log = structlog.get_logger(__name__)
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message (nack, unroutable or gone)."""
+
+
+class PoisonMessage(Exception):
+    """The message can never be handled; it goes to the dead-letter queue."""
+
+
+async def connect(url: str, *, timeout: float = 10.0) -> aio_pika.abc.AbstractConnection:
+    return await aio_pika.connect(url, timeout=timeout)
+
+
+async def declare_exchanges(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractExchange:
+    """Declare the durable events exchange and the dead-letter exchange."""
+    await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    return await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC,
+                                          durable=True)
+
+
+async def declare_consumer_queue(channel: aio_pika.abc.AbstractChannel, name: str,
+                                 bindings: Sequence[str]) -> aio_pika.abc.AbstractQueue:
+    """A durable quorum queue bound to ``bindings``, with its own dead-letter queue."""
+    events = await declare_exchanges(channel)
+    dead = await channel.declare_queue(f"{name}.dead", durable=True,
+                                       arguments={"x-queue-type": "quorum"})
+    await dead.bind(DEAD_LETTER_EXCHANGE, routing_key=name)
+    queue = await channel.declare_queue(name, durable=True, arguments={
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-routing-key": name,
+        "x-delivery-limit": DELIVERY_LIMIT,
+    })
+    for key in bindings:
+        await queue.bind(events, routing_key=key)
+    return queue
+
+
+class Publisher:
+    """Publishes to the events exchange with publisher confirms and ``mandatory``.
+
+    :meth:`publish` returns only once the broker has confirmed the message; an
+    unroutable message (returned) or a nack raises :class:`PublishFailed`. On any
+    connection trouble the connection is dropped and re-made on the next call.
+    """
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._exchange: aio_pika.abc.AbstractExchange | None = None
+
+    async def _ensure(self) -> aio_pika.abc.AbstractExchange:
+        if self._exchange is not None and self._connection is not None \
+                and not self._connection.is_closed:
+            return self._exchange
+        await self.close()
+        self._connection = await connect(self._url)
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._exchange = await declare_exchanges(channel)
+        return self._exchange
+
+    async def publish(self, routing_key: str, body: bytes, *, message_id: str,
+                      correlation_id: str | None = None, timeout: float = 10.0) -> None:
+        try:
+            exchange = await self._ensure()
+            message = aio_pika.Message(
+                body, message_id=message_id, correlation_id=correlation_id,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+        except aio_pika.exceptions.DeliveryError as exc:
+            raise PublishFailed(f"broker refused {routing_key}: {exc}") from exc
+        except CONNECTION_ERRORS as exc:
+            await self.close()
+            raise PublishFailed(f"broker unreachable: {exc.__class__.__name__}") from exc
+
+    async def close(self) -> None:
+        connection, self._connection, self._exchange = self._connection, None, None
+        if connection is not None and not connection.is_closed:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await connection.close()
+
+
+Handler = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
+
+
+@dataclass
+class ConsumerState:
+    """What the consume loop reports about itself (for readiness and tests)."""
+
+    connected: bool = False
+    handled: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    reconnects: int = 0
+    stopping: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
+                      state: ConsumerState) -> None:
+    try:
+        await handler(message)
+    except PoisonMessage as exc:
+        state.dead_lettered += 1
+        log.warning("event dead-lettered", reason=str(exc), message_id=message.message_id)
+        await message.reject(requeue=False)
+        return
+    except asyncio.CancelledError:
+        await message.nack(requeue=True)
+        raise
+    except Exception:
+        # The quorum queue counts deliveries and dead-letters after DELIVERY_LIMIT.
+        state.retried += 1
+        log.exception("event handler failed; will be redelivered", message_id=message.message_id)
+        await message.nack(requeue=True)
+        return
+    await message.ack()
+    state.handled += 1
+
+
+async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], handler: Handler,
+                          state: ConsumerState, *, prefetch: int = 32,
+                          max_backoff: float = 5.0) -> None:
+    """Consume ``queue_name`` until cancelled, reconnecting after any broker failure.
+
+    The handler must commit its own effects before returning: the message is
+    acked only afterwards. It raises :class:`PoisonMessage` for a message that
+    can never succeed, which is then rejected to the dead-letter queue.
+    """
+    backoff = 0.2
+    while True:
+        connection: aio_pika.abc.AbstractConnection | None = None
+        try:
+            connection = await connect(url)
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            queue = await declare_consumer_queue(channel, queue_name, bindings)
+            state.connected = True
+            backoff = 0.2
+            log.info("consumer connected", queue=queue_name)
+            async with queue.iterator() as messages:
+                async for message in messages:
+                    await _handle_one(message, handler, state)
+            # The iterator ends when the channel closes under us.
+            raise ConnectionError("consumer channel closed")
+        except asyncio.CancelledError:
+            raise
+        except CONNECTION_ERRORS as exc:
+            state.connected = False
+            state.reconnects += 1
+            log.warning("consumer lost the broker; reconnecting", error=exc.__class__.__name__,
+                        retry_in=round(backoff, 2))
+        finally:
+            state.connected = False
+            if connection is not None and not connection.is_closed:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await asyncio.shield(connection.close())
+        await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
+        backoff = min(backoff * 2, max_backoff)
+
+
+async def check_broker(url: str) -> None:
+    """Raise if the broker cannot be reached within a short timeout."""
+    connection = await connect(url, timeout=3.0)
+    await connection.close()

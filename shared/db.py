@@ -1,0 +1,139 @@
+"""asyncpg pool creation and numbered plain-SQL migrations.
+
+Each service owns one schema. Its migrations are files ``NNNN_name.sql`` in the
+service's ``migrations/`` folder, applied in order, each in its own transaction,
+and recorded in ``<schema>.schema_migrations``. A transaction-level advisory lock
+serialises concurrent runners (several services starting at once), so running
+twice, or twice at the same time, applies each file exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+_MIGRATION_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
+# One lock for all schemas: migrations are rare and short, and a single lock
+# also orders cross-schema set-up (CREATE SCHEMA) between services.
+_MIGRATION_LOCK = 0x1D7E_0001
+
+SERVICE_SCHEMAS = ("gateway", "messaging", "notifier")
+
+
+class MigrationError(RuntimeError):
+    """A migration file is misnamed, changed after it was applied, or failed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # JSON columns round-trip as Python objects.
+    import json
+
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads,
+                              schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,
+                      command_timeout: float = 10.0) -> asyncpg.Pool:
+    """A pool whose connections decode jsonb and time out commands."""
+    pool = await asyncpg.create_pool(
+        dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
+        init=_init_connection, timeout=10.0,
+    )
+    assert pool is not None
+    return pool
+
+
+def load_migrations(schema: str) -> list[Migration]:
+    """The migrations shipped with service ``schema``, in order."""
+    if schema not in SERVICE_SCHEMAS:
+        raise MigrationError(f"unknown schema {schema!r}")
+    folder = resources.files(f"services.{schema}").joinpath("migrations")
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        if not entry.name.endswith(".sql"):
+            continue
+        match = _MIGRATION_NAME.match(entry.name)
+        if not match:
+            raise MigrationError(f"migration file {entry.name!r} is not named NNNN_name.sql")
+        found.append(Migration(int(match.group(1)), entry.name, entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    versions = [m.version for m in found]
+    if len(set(versions)) != len(versions):
+        raise MigrationError(f"duplicate migration numbers in {schema}")
+    return found
+
+
+async def migrate_schema(conn: asyncpg.Connection, schema: str,
+                         migrations: list[Migration] | None = None) -> list[str]:
+    """Apply pending migrations of ``schema``; returns the names applied."""
+    migrations = load_migrations(schema) if migrations is None else migrations
+    applied: list[str] = []
+    for migration in migrations:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK)
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            row = await conn.fetchrow(
+                f'SELECT checksum FROM "{schema}".schema_migrations WHERE version = $1',
+                migration.version,
+            )
+            if row is not None:
+                if row["checksum"] != migration.checksum:
+                    raise MigrationError(
+                        f"{schema}/{migration.name} changed after it was applied"
+                    )
+                continue
+            await conn.execute(f'SET LOCAL search_path TO "{schema}", public')
+            try:
+                await conn.execute(migration.sql)
+            except asyncpg.PostgresError as exc:
+                raise MigrationError(f"{schema}/{migration.name} failed: {exc}") from exc
+            await conn.execute(
+                f'INSERT INTO "{schema}".schema_migrations (version, name, checksum)'
+                " VALUES ($1, $2, $3)",
+                migration.version, migration.name, migration.checksum,
+            )
+            applied.append(f"{schema}/{migration.name}")
+    return applied
+
+
+async def migrate_all(dsn: str, schemas: tuple[str, ...] = SERVICE_SCHEMAS) -> list[str]:
+    """Apply every service's pending migrations against ``dsn``."""
+    conn: asyncpg.Connection = await asyncpg.connect(dsn, timeout=10.0)
+    try:
+        applied: list[str] = []
+        for schema in schemas:
+            applied += await migrate_schema(conn, schema)
+        return applied
+    finally:
+        await conn.close()
+
+
+async def check_database(pool: asyncpg.Pool) -> None:
+    """Raise if the database cannot answer a trivial query quickly."""
+    async with pool.acquire(timeout=2.0) as conn:
+        await conn.fetchval("SELECT 1", timeout=2.0)
+
+
+def record_to_dict(record: Any) -> dict[str, Any]:
+    return dict(record.items())

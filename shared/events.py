@@ -1,0 +1,79 @@
+"""Event schemas. Events carry ids and times, never content."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SCHEMA_VERSION = 1
+
+CHECKIN_SUBMITTED = "checkin.submitted"
+REPLY_SENT = "reply.sent"
+RELATIONSHIP_CREATED = "relationship.created"
+DEVICE_KEYS_CHANGED = "device.keys_changed"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MessageEventData(_Strict):
+    message_id: uuid.UUID
+    relationship_id: uuid.UUID
+    therapist_id: uuid.UUID
+    client_id: uuid.UUID
+    sender_id: uuid.UUID
+    sent_at: datetime
+    urgent: bool = False
+
+
+class RelationshipEventData(_Strict):
+    relationship_id: uuid.UUID
+    therapist_id: uuid.UUID
+    client_id: uuid.UUID
+
+
+class DeviceKeysEventData(_Strict):
+    user_id: uuid.UUID
+    device_id: uuid.UUID
+    key_id: str
+    version: int
+
+
+class Event(_Strict):
+    event_id: uuid.UUID
+    type: str
+    schema_version: Literal[1] = 1
+    occurred_at: datetime
+    correlation_id: str
+    data: dict[str, Any]
+
+
+class MalformedEvent(ValueError):
+    """The bytes are not a valid event of a known schema."""
+
+
+def new_event(event_type: str, data: _Strict, correlation_id: str) -> Event:
+    return Event(
+        event_id=uuid.uuid4(), type=event_type, occurred_at=datetime.now(UTC),
+        correlation_id=correlation_id, data=data.model_dump(mode="json"),
+    )
+
+
+def decode_event(body: bytes) -> Event:
+    """Parse an event; raises :class:`MalformedEvent` with a short reason."""
+    try:
+        return Event.model_validate(json.loads(body))
+    except (ValueError, ValidationError) as exc:
+        raise MalformedEvent(str(exc).splitlines()[0][:200]) from None
+
+
+def decode_message_data(event: Event) -> MessageEventData:
+    try:
+        return MessageEventData.model_validate(event.data)
+    except ValidationError as exc:
+        raise MalformedEvent(str(exc).splitlines()[0][:200]) from None

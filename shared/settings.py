@@ -1,0 +1,146 @@
+"""Settings read from ``INTERLUDE_*`` environment variables.
+
+Every service builds one frozen :class:`Settings` at start. A missing or invalid
+value raises :class:`SettingsError` whose message is one line naming the
+variable, so ``interlude serve`` can print it and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEV_DATABASE_URL = "postgresql://root@127.0.0.1:5432/root"
+DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+# Known only so that production can refuse it.
+DEV_INTERNAL_KEY = "interlude-development-internal-key-do-not-use-in-production"
+MIN_INTERNAL_KEY_LENGTH = 32
+ENVIRONMENTS = ("development", "production")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    env: str
+    database_url: str
+    amqp_url: str
+    gateway_port: int
+    messaging_port: int
+    notifier_port: int
+    internal_key: bytes
+    host: str
+    messaging_url: str
+    notifier_url: str
+    log_format: str
+    outbox_poll_seconds: float
+
+    @property
+    def is_production(self) -> bool:
+        return self.env == "production"
+
+
+def _port(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a port number, got {raw!r}") from None
+    if not 1 <= value <= 65535:
+        raise SettingsError(f"{name} must be between 1 and 65535, got {value}")
+    return value
+
+
+def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[str, ...]) -> str:
+    raw = env.get(name) or default
+    if not raw:
+        raise SettingsError(f"{name} is required (e.g. {schemes[0]}://host/...)")
+    parts = urlsplit(raw)
+    if parts.scheme not in schemes or not parts.hostname:
+        raise SettingsError(f"{name} must be a {' or '.join(schemes)} URL with a host")
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    mode = env.get("INTERLUDE_ENV", "development") or "development"
+    if mode not in ENVIRONMENTS:
+        raise SettingsError(f"INTERLUDE_ENV must be one of {', '.join(ENVIRONMENTS)}, got {mode!r}")
+    production = mode == "production"
+
+    database_url = _url(
+        env,
+        "INTERLUDE_DATABASE_URL",
+        None if production else DEV_DATABASE_URL,
+        ("postgresql", "postgres"),
+    )
+    amqp_url = _url(
+        env, "INTERLUDE_AMQP_URL", None if production else DEV_AMQP_URL, ("amqp", "amqps")
+    )
+    if production and "guest:guest@" in amqp_url:
+        raise SettingsError(
+            "INTERLUDE_AMQP_URL uses the default guest credentials; refused in production"
+        )
+
+    raw_key = env.get("INTERLUDE_INTERNAL_KEY") or ""
+    if not raw_key:
+        if production:
+            raise SettingsError("INTERLUDE_INTERNAL_KEY is required in production")
+        raw_key = DEV_INTERNAL_KEY
+    elif production and raw_key == DEV_INTERNAL_KEY:
+        raise SettingsError(
+            "INTERLUDE_INTERNAL_KEY is the development default; refused in production"
+        )
+    if len(raw_key) < MIN_INTERNAL_KEY_LENGTH:
+        raise SettingsError(
+            f"INTERLUDE_INTERNAL_KEY must be at least {MIN_INTERNAL_KEY_LENGTH} characters"
+        )
+
+    gateway_port = _port(env, "INTERLUDE_GATEWAY_PORT", 8080)
+    messaging_port = _port(env, "INTERLUDE_MESSAGING_PORT", 8081)
+    notifier_port = _port(env, "INTERLUDE_NOTIFIER_PORT", 8082)
+    host = env.get("INTERLUDE_HOST", "127.0.0.1") or "127.0.0.1"
+    messaging_url = _url(
+        env, "INTERLUDE_MESSAGING_URL", f"http://127.0.0.1:{messaging_port}", ("http", "https")
+    )
+    notifier_url = _url(
+        env, "INTERLUDE_NOTIFIER_URL", f"http://127.0.0.1:{notifier_port}", ("http", "https")
+    )
+
+    log_format = env.get("INTERLUDE_LOG_FORMAT", "auto") or "auto"
+    if log_format not in ("auto", "json", "console"):
+        raise SettingsError(
+            f"INTERLUDE_LOG_FORMAT must be auto, json or console, got {log_format!r}"
+        )
+
+    raw_poll = env.get("INTERLUDE_OUTBOX_POLL_SECONDS", "2") or "2"
+    try:
+        poll = float(raw_poll)
+    except ValueError:
+        raise SettingsError(
+            f"INTERLUDE_OUTBOX_POLL_SECONDS must be a number, got {raw_poll!r}"
+        ) from None
+    if not 0.05 <= poll <= 300:
+        raise SettingsError("INTERLUDE_OUTBOX_POLL_SECONDS must be between 0.05 and 300")
+
+    return Settings(
+        env=mode,
+        database_url=database_url,
+        amqp_url=amqp_url,
+        gateway_port=gateway_port,
+        messaging_port=messaging_port,
+        notifier_port=notifier_port,
+        internal_key=raw_key.encode(),
+        host=host,
+        messaging_url=messaging_url.rstrip("/"),
+        notifier_url=notifier_url.rstrip("/"),
+        log_format=log_format,
+        outbox_poll_seconds=poll,
+    )
