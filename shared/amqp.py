@@ -85,16 +85,24 @@ class Publisher:
         self._url = url
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
+        # Concurrent publishes share one connection; only one of them may make it.
+        self._lock = asyncio.Lock()
 
     async def _ensure(self) -> aio_pika.abc.AbstractExchange:
-        if self._exchange is not None and self._connection is not None \
-                and not self._connection.is_closed:
+        async with self._lock:
+            if self._exchange is not None and self._connection is not None \
+                    and not self._connection.is_closed:
+                return self._exchange
+            await self.close()
+            self._connection = await connect(self._url)
+            channel = await self._connection.channel(publisher_confirms=True,
+                                                     on_return_raises=True)
+            self._exchange = await declare_exchanges(channel)
             return self._exchange
-        await self.close()
-        self._connection = await connect(self._url)
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-        self._exchange = await declare_exchanges(channel)
-        return self._exchange
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
 
     async def publish(self, routing_key: str, body: bytes, *, message_id: str,
                       correlation_id: str | None = None, timeout: float = 10.0) -> None:

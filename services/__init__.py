@@ -1,0 +1,1 @@
+"""Interlude's three services (gateway, messaging, notifier) and the operator CLI."""

@@ -1,0 +1,1 @@
+"""Gateway: the one public entry. Accounts, credentials, sessions, routing."""

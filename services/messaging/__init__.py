@@ -1,0 +1,1 @@
+"""Messaging: relationships, invites, device keys, check-ins, replies and the outbox."""

@@ -1,0 +1,69 @@
+"""The messaging service's application factory. No I/O happens here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.messaging.relay import OutboxRelay
+from services.messaging.routes import setup_routes
+from services.messaging.store import MessagingStore
+from services.messaging.typedefs import POOL, RELAY, RELAY_TASK, SETTINGS, STORE
+from shared.amqp import Publisher
+from shared.db import check_database, create_pool
+from shared.settings import Settings
+from shared.web import add_health_routes, error_middleware, internal_auth_middleware
+
+MAX_BODY_BYTES = 256 * 1024
+
+
+async def _database(app: web.Application) -> AsyncIterator[None]:
+    pool = await create_pool(app[SETTINGS].database_url, max_size=10)
+    app[POOL] = pool
+    app[STORE] = MessagingStore(pool)
+    yield
+    await pool.close()
+
+
+async def _relay(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    publisher = Publisher(settings.amqp_url)
+    relay = OutboxRelay(app[POOL], publisher, settings.database_url,
+                        settings.outbox_poll_seconds)
+    app[RELAY] = relay
+    app[RELAY_TASK] = asyncio.create_task(relay.run(), name="outbox-relay")
+    yield
+    app[RELAY_TASK].cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await app[RELAY_TASK]
+    await publisher.close()
+
+
+async def _ready(app: web.Application) -> dict[str, str]:
+    problems: dict[str, str] = {}
+    try:
+        await check_database(app[POOL])
+    except Exception as exc:
+        problems["database"] = exc.__class__.__name__
+    relay = app[RELAY]
+    if not relay.state.listening:
+        problems["database_listen"] = "not listening"
+    if relay.state.failures and not relay.state.broker_ok:
+        problems["broker"] = "last publish failed"
+    return problems
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[error_middleware, internal_auth_middleware(settings.internal_key)],
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(_database)
+    app.cleanup_ctx.append(_relay)
+    add_health_routes(app, _ready)
+    setup_routes(app)
+    return app

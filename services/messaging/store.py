@@ -1,0 +1,381 @@
+"""All SQL of the messaging service.
+
+Stores raise domain errors (below); routes translate them to HTTP. Every write
+that announces something adds its event to the outbox in the same transaction
+and wakes the relay with NOTIFY.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from shared.events import (
+    CHECKIN_SUBMITTED,
+    DEVICE_KEYS_CHANGED,
+    RELATIONSHIP_CREATED,
+    REPLY_SENT,
+    DeviceKeysEventData,
+    MessageEventData,
+    RelationshipEventData,
+    new_event,
+)
+
+OUTBOX_CHANNEL = "messaging_outbox"
+INVITE_LIFETIME = timedelta(days=7)
+MAX_DEVICES_PER_USER = 10
+_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+
+
+class MessagingError(Exception):
+    """Base of the domain errors of this store."""
+
+
+class NotFound(MessagingError):
+    pass
+
+
+class Conflict(MessagingError):
+    pass
+
+
+class Gone(MessagingError):
+    pass
+
+
+class LimitReached(MessagingError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Relationship:
+    id: uuid.UUID
+    therapist_id: uuid.UUID
+    client_id: uuid.UUID
+    status: str
+    created_at: datetime
+
+    def has_member(self, user_id: uuid.UUID) -> bool:
+        return user_id in (self.therapist_id, self.client_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Invite:
+    id: uuid.UUID
+    code: str
+    therapist_id: uuid.UUID
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Redemption:
+    relationship_id: uuid.UUID
+    therapist_id: uuid.UUID
+    client_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Device:
+    user_id: uuid.UUID
+    device_id: uuid.UUID
+    version: int
+    suite: int
+    hpke_public_key: bytes
+    signing_public_key: bytes
+    signature: bytes
+    key_id: bytes
+    updated_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    id: uuid.UUID
+    seq: int
+    relationship_id: uuid.UUID
+    kind: str
+    sender_id: uuid.UUID
+    sender_device_id: uuid.UUID
+    urgent: bool
+    sent_at: datetime
+    envelope: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    id: uuid.UUID
+    relationship: Relationship
+    kind: str
+    sender_id: uuid.UUID
+    sender_device_id: uuid.UUID
+    urgent: bool
+    sent_at: datetime
+    envelope: bytes
+
+
+def hash_code(code: str) -> bytes:
+    normalized = code.strip().upper().replace("-", "").replace(" ", "")
+    return hashlib.sha256(b"interlude/invite/" + normalized.encode()).digest()
+
+
+def new_code() -> str:
+    """A one-time code: 20 characters (100 bits) in groups of four."""
+    raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(20))
+    return "-".join(raw[i:i + 4] for i in range(0, 20, 4))
+
+
+async def _add_event(conn: asyncpg.Connection, routing_key: str, data: object,
+                     correlation_id: str) -> None:
+    event = new_event(routing_key, data, correlation_id)  # type: ignore[arg-type]
+    await conn.execute(
+        "INSERT INTO messaging.outbox (event_id, routing_key, payload) VALUES ($1, $2, $3)",
+        event.event_id, routing_key, json.loads(event.model_dump_json()),
+    )
+    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+
+
+def _relationship(row: asyncpg.Record) -> Relationship:
+    return Relationship(row["id"], row["therapist_id"], row["client_id"], row["status"],
+                        row["created_at"])
+
+
+def _device(row: asyncpg.Record) -> Device:
+    return Device(row["user_id"], row["device_id"], row["version"], row["suite"],
+                  bytes(row["hpke_public_key"]), bytes(row["signing_public_key"]),
+                  bytes(row["signature"]), bytes(row["key_id"]), row["updated_at"])
+
+
+def _message(row: asyncpg.Record) -> StoredMessage:
+    return StoredMessage(row["id"], row["seq"], row["relationship_id"], row["kind"],
+                         row["sender_id"], row["sender_device_id"], row["urgent"],
+                         row["sent_at"], bytes(row["envelope"]), row["created_at"])
+
+
+class MessagingStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # -- invites and relationships ---------------------------------------------------
+
+    async def create_invite(self, therapist_id: uuid.UUID, now: datetime) -> Invite:
+        code = new_code()
+        invite_id = uuid.uuid4()
+        expires_at = now + INVITE_LIFETIME
+        await self.pool.execute(
+            "INSERT INTO messaging.invites (id, code_hash, therapist_id, client_id, expires_at)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            invite_id, hash_code(code), therapist_id, uuid.uuid4(), expires_at,
+        )
+        return Invite(invite_id, code, therapist_id, expires_at)
+
+    async def redeem_invite(self, code: str, now: datetime, correlation_id: str) -> Redemption:
+        """Create the relationship an invite promises; the same again on a retry."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM messaging.invites WHERE code_hash = $1 FOR UPDATE",
+                hash_code(code),
+            )
+            if row is None:
+                raise NotFound("invalid code")
+            if row["expires_at"] <= now:
+                raise Gone("this code has expired; ask your therapist for a new invite")
+            if row["relationship_id"] is not None:
+                return Redemption(row["relationship_id"], row["therapist_id"], row["client_id"])
+            relationship_id = uuid.uuid4()
+            await conn.execute(
+                "INSERT INTO messaging.relationships (id, therapist_id, client_id)"
+                " VALUES ($1, $2, $3)",
+                relationship_id, row["therapist_id"], row["client_id"],
+            )
+            await conn.execute(
+                "UPDATE messaging.invites SET redeemed_at = $2, relationship_id = $3"
+                " WHERE id = $1",
+                row["id"], now, relationship_id,
+            )
+            await _add_event(conn, RELATIONSHIP_CREATED, RelationshipEventData(
+                relationship_id=relationship_id, therapist_id=row["therapist_id"],
+                client_id=row["client_id"]), correlation_id)
+            return Redemption(relationship_id, row["therapist_id"], row["client_id"])
+
+    async def relationships_of(self, user_id: uuid.UUID) -> list[Relationship]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM messaging.relationships WHERE therapist_id = $1 OR client_id = $1"
+            " ORDER BY created_at, id",
+            user_id,
+        )
+        return [_relationship(r) for r in rows]
+
+    async def relationship_for_member(self, relationship_id: uuid.UUID,
+                                      user_id: uuid.UUID) -> Relationship:
+        """The relationship if ``user_id`` is in it; otherwise NotFound (never 'forbidden')."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM messaging.relationships WHERE id = $1", relationship_id)
+        if row is None or not _relationship(row).has_member(user_id):
+            raise NotFound("no such relationship")
+        return _relationship(row)
+
+    # -- device keys -----------------------------------------------------------------
+
+    async def publish_device(self, *, user_id: uuid.UUID, device_id: uuid.UUID, suite: int,
+                             hpke_public_key: bytes, signing_public_key: bytes,
+                             signature: bytes, key_id: bytes,
+                             correlation_id: str) -> tuple[Device, bool]:
+        """Store a device's keys; returns (device, changed). Unchanged keys are a no-op."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # Serialise a user's device changes (limit check, version numbers).
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text))", user_id)
+            current = await conn.fetchrow(
+                "SELECT * FROM messaging.devices WHERE user_id = $1 AND device_id = $2",
+                user_id, device_id,
+            )
+            if current is not None:
+                same = (current["suite"] == suite
+                        and bytes(current["hpke_public_key"]) == hpke_public_key
+                        and bytes(current["signing_public_key"]) == signing_public_key)
+                if same:
+                    return _device(current), False
+                version = current["version"] + 1
+            else:
+                count = await conn.fetchval(
+                    "SELECT count(*) FROM messaging.devices WHERE user_id = $1", user_id)
+                if count >= MAX_DEVICES_PER_USER:
+                    raise LimitReached(f"at most {MAX_DEVICES_PER_USER} devices per account")
+                version = 1
+            row = await conn.fetchrow(
+                "INSERT INTO messaging.devices (user_id, device_id, version, suite,"
+                " hpke_public_key, signing_public_key, signature, key_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+                " ON CONFLICT (user_id, device_id) DO UPDATE SET version = EXCLUDED.version,"
+                " suite = EXCLUDED.suite, hpke_public_key = EXCLUDED.hpke_public_key,"
+                " signing_public_key = EXCLUDED.signing_public_key,"
+                " signature = EXCLUDED.signature, key_id = EXCLUDED.key_id, updated_at = now()"
+                " RETURNING *",
+                user_id, device_id, version, suite, hpke_public_key, signing_public_key,
+                signature, key_id,
+            )
+            await conn.execute(
+                "INSERT INTO messaging.device_key_history (user_id, device_id, version, suite,"
+                " hpke_public_key, signing_public_key, signature, key_id)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                user_id, device_id, version, suite, hpke_public_key, signing_public_key,
+                signature, key_id,
+            )
+            await _add_event(conn, DEVICE_KEYS_CHANGED, DeviceKeysEventData(
+                user_id=user_id, device_id=device_id, key_id=key_id.hex(), version=version,
+            ), correlation_id)
+            return _device(row), True
+
+    async def devices_of(self, user_ids: list[uuid.UUID]) -> list[Device]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM messaging.devices WHERE user_id = ANY($1::uuid[])"
+            " ORDER BY user_id, device_id",
+            user_ids,
+        )
+        return [_device(r) for r in rows]
+
+    async def device(self, user_id: uuid.UUID, device_id: uuid.UUID) -> Device:
+        row = await self.pool.fetchrow(
+            "SELECT * FROM messaging.devices WHERE user_id = $1 AND device_id = $2",
+            user_id, device_id,
+        )
+        if row is None:
+            raise NotFound("no such device")
+        return _device(row)
+
+    async def device_history(self, user_id: uuid.UUID) -> list[Device]:
+        rows = await self.pool.fetch(
+            "SELECT *, published_at AS updated_at FROM messaging.device_key_history"
+            " WHERE user_id = $1 ORDER BY device_id, version",
+            user_id,
+        )
+        return [_device(r) for r in rows]
+
+    # -- messages --------------------------------------------------------------------
+
+    async def find_idempotent(self, user_id: uuid.UUID, key: str,
+                              request_hash: bytes) -> StoredMessage | None:
+        row = await self.pool.fetchrow(
+            "SELECT i.request_hash, m.* FROM messaging.idempotency_keys i"
+            " JOIN messaging.messages m ON m.id = i.message_id"
+            " WHERE i.user_id = $1 AND i.key = $2",
+            user_id, key,
+        )
+        if row is None:
+            return None
+        if bytes(row["request_hash"]) != request_hash:
+            raise Conflict("Idempotency-Key was already used with a different request")
+        return _message(row)
+
+    async def store_message(self, message: NewMessage, *, idempotency_key: str | None,
+                            request_hash: bytes, correlation_id: str) -> tuple[StoredMessage, bool]:
+        """Store a message and its event atomically; returns (message, created).
+
+        A retry of the same envelope (same id and bytes) returns the stored
+        message with ``created`` False; another envelope reusing the id conflicts.
+        """
+        digest = hashlib.sha256(message.envelope).digest()
+        async with self.pool.acquire() as conn, conn.transaction():
+            if idempotency_key is not None:
+                # Two concurrent retries with one key: the second waits, then finds it.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
+                                   f"{message.sender_id}/{idempotency_key}")
+                existing_key = await conn.fetchrow(
+                    "SELECT i.request_hash, m.* FROM messaging.idempotency_keys i"
+                    " JOIN messaging.messages m ON m.id = i.message_id"
+                    " WHERE i.user_id = $1 AND i.key = $2",
+                    message.sender_id, idempotency_key,
+                )
+                if existing_key is not None:
+                    if bytes(existing_key["request_hash"]) != request_hash:
+                        raise Conflict("Idempotency-Key was already used with a different request")
+                    return _message(existing_key), False
+            row = await conn.fetchrow(
+                "INSERT INTO messaging.messages (id, relationship_id, kind, sender_id,"
+                " sender_device_id, urgent, sent_at, envelope, envelope_sha256)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " ON CONFLICT (id) DO NOTHING RETURNING *",
+                message.id, message.relationship.id, message.kind, message.sender_id,
+                message.sender_device_id, message.urgent, message.sent_at, message.envelope,
+                digest,
+            )
+            created = row is not None
+            if row is None:
+                row = await conn.fetchrow("SELECT * FROM messaging.messages WHERE id = $1",
+                                          message.id)
+                if row is None or bytes(row["envelope_sha256"]) != digest \
+                        or row["sender_id"] != message.sender_id:
+                    raise Conflict("a different message with this id already exists")
+            else:
+                rel = message.relationship
+                await _add_event(
+                    conn, CHECKIN_SUBMITTED if message.kind == "checkin" else REPLY_SENT,
+                    MessageEventData(
+                        message_id=message.id, relationship_id=rel.id,
+                        therapist_id=rel.therapist_id, client_id=rel.client_id,
+                        sender_id=message.sender_id, sent_at=message.sent_at,
+                        urgent=message.urgent,
+                    ),
+                    correlation_id,
+                )
+            if idempotency_key is not None:
+                await conn.execute(
+                    "INSERT INTO messaging.idempotency_keys (user_id, key, request_hash,"
+                    " message_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    message.sender_id, idempotency_key, request_hash, message.id,
+                )
+            return _message(row), created
+
+    async def list_messages(self, relationship_id: uuid.UUID, *, after_seq: int,
+                            limit: int) -> list[StoredMessage]:
+        rows = await self.pool.fetch(
+            "SELECT * FROM messaging.messages WHERE relationship_id = $1 AND seq > $2"
+            " ORDER BY seq LIMIT $3",
+            relationship_id, after_seq, limit,
+        )
+        return [_message(r) for r in rows]

@@ -1,0 +1,1 @@
+"""The notifier: turns events into notifications and serves each user's feed."""
