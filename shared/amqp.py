@@ -19,6 +19,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 import structlog
+from pamqp.commands import Basic
 
 EVENTS_EXCHANGE = "interlude.events"
 DEAD_LETTER_EXCHANGE = "interlude.dead"
@@ -38,6 +39,10 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 
 class PublishFailed(Exception):
     """The broker did not confirm the message (nack, unroutable or gone)."""
+
+
+class Unroutable(PublishFailed):
+    """The broker returned the message: no queue is bound for its routing key."""
 
 
 class PoisonMessage(Exception):
@@ -115,6 +120,8 @@ class Publisher:
             )
             await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
         except aio_pika.exceptions.DeliveryError as exc:
+            if isinstance(exc.frame, Basic.Return):
+                raise Unroutable(f"no queue is bound for {routing_key}") from exc
             raise PublishFailed(f"broker refused {routing_key}: {exc}") from exc
         except CONNECTION_ERRORS as exc:
             await self.close()

@@ -20,7 +20,7 @@ import asyncpg
 import structlog
 
 from services.messaging.store import OUTBOX_CHANNEL
-from shared.amqp import Publisher, PublishFailed
+from shared.amqp import Publisher, PublishFailed, Unroutable
 
 log = structlog.get_logger(__name__)
 BATCH_SIZE = 200
@@ -30,6 +30,7 @@ BATCH_SIZE = 200
 class RelayState:
     published: int = 0
     failures: int = 0
+    unroutable: int = 0
     broker_ok: bool = False
     listening: bool = False
 
@@ -52,7 +53,9 @@ class OutboxRelay:
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
                 "SELECT id, event_id, routing_key, payload FROM messaging.outbox"
-                " WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                " WHERE published_at IS NULL"
+                " AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
                 BATCH_SIZE,
             )
             if not rows:
@@ -66,17 +69,24 @@ class OutboxRelay:
             ), return_exceptions=True)
             sent = [row["id"] for row, result in zip(rows, results, strict=True)
                     if result is None]
-            failed = [(row["id"], result) for row, result in zip(rows, results, strict=True)
-                      if result is not None]
+            failed: list[tuple[int, BaseException]] = [
+                (row["id"], result) for row, result in zip(rows, results, strict=True)
+                if isinstance(result, BaseException)]
             if sent:
                 await conn.execute(
                     "UPDATE messaging.outbox SET published_at = now(),"
                     " attempts = attempts + 1 WHERE id = ANY($1::bigint[])", sent)
             for row_id, error in failed:
+                # Unroutable rows wait (doubling, at most 5 minutes); the others are
+                # retried as soon as the broker is back.
                 await conn.execute(
-                    "UPDATE messaging.outbox SET attempts = attempts + 1, last_error = $2"
-                    " WHERE id = $1", row_id, str(error)[:500])
+                    "UPDATE messaging.outbox SET attempts = attempts + 1, last_error = $2,"
+                    " next_attempt_at = CASE WHEN $3 THEN now() + least(interval '5 minutes',"
+                    " interval '1 second' * power(2, least(attempts, 9))) END"
+                    " WHERE id = $1", row_id, str(error)[:500], isinstance(error, Unroutable))
             self.state.published += len(sent)
+            self.state.unroutable += sum(isinstance(e, Unroutable) for _, e in failed)
+            failed = [(i, e) for i, e in failed if not isinstance(e, Unroutable)]
             if failed:
                 self.state.failures += len(failed)
                 self.state.broker_ok = False

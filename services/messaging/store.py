@@ -229,7 +229,7 @@ class MessagingStore:
         """Store a device's keys; returns (device, changed). Unchanged keys are a no-op."""
         async with self.pool.acquire() as conn, conn.transaction():
             # Serialise a user's device changes (limit check, version numbers).
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1::text))", user_id)
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(user_id))
             current = await conn.fetchrow(
                 "SELECT * FROM messaging.devices WHERE user_id = $1 AND device_id = $2",
                 user_id, device_id,
@@ -297,20 +297,6 @@ class MessagingStore:
         return [_device(r) for r in rows]
 
     # -- messages --------------------------------------------------------------------
-
-    async def find_idempotent(self, user_id: uuid.UUID, key: str,
-                              request_hash: bytes) -> StoredMessage | None:
-        row = await self.pool.fetchrow(
-            "SELECT i.request_hash, m.* FROM messaging.idempotency_keys i"
-            " JOIN messaging.messages m ON m.id = i.message_id"
-            " WHERE i.user_id = $1 AND i.key = $2",
-            user_id, key,
-        )
-        if row is None:
-            return None
-        if bytes(row["request_hash"]) != request_hash:
-            raise Conflict("Idempotency-Key was already used with a different request")
-        return _message(row)
 
     async def store_message(self, message: NewMessage, *, idempotency_key: str | None,
                             request_hash: bytes, correlation_id: str) -> tuple[StoredMessage, bool]:

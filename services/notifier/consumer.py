@@ -26,7 +26,7 @@ from shared.events import CHECKIN_SUBMITTED, REPLY_SENT, Event, MalformedEvent, 
 log = structlog.get_logger(__name__)
 
 QUEUE = "notifier.events"
-BINDINGS = ("checkin.*", "reply.*")
+BINDINGS = ("#",)  # every event: none is unroutable, and later rules need them
 # How long a stop waits for the message in hand before cancelling it (it is then
 # rolled back and redelivered, which the inbox makes harmless).
 STOP_GRACE_SECONDS = 15.0

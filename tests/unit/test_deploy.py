@@ -58,12 +58,23 @@ def _code_variables() -> set[str]:
 
 
 def _documented_variables() -> dict[str, list[str]]:
-    """Variable name -> its table row cells, from docs/configuration.md."""
+    """Variable name -> its row cells, from the reference tables of docs/configuration.md.
+
+    Reference tables are those whose header starts with ``| Variable |``; other
+    tables on the page (how compose wires things) merely mention variables.
+    """
     rows: dict[str, list[str]] = {}
+    in_reference_table = False
     for line in CONFIG_DOC.read_text(encoding="utf-8").splitlines():
-        match = re.match(r"^\|\s*`([A-Z][A-Z0-9_]*)`\s*\|", line)
-        if match:
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|"):
+            in_reference_table = False
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == "Variable":
+            in_reference_table = True
+            continue
+        match = re.fullmatch(r"`([A-Z][A-Z0-9_]*)`", cells[0])
+        if in_reference_table and match:
             rows[match.group(1)] = cells
     return rows
 
@@ -80,6 +91,11 @@ def _env_example() -> tuple[dict[str, str], set[str]]:
         if match.group(1) is None:
             active[match.group(2)] = match.group(3)
     return active, shown
+
+
+def _compose_text_without_comments() -> str:
+    lines = COMPOSE.read_text(encoding="utf-8").splitlines()
+    return "\n".join(line for line in lines if not line.lstrip().startswith("#"))
 
 
 def _compose() -> dict[str, Any]:
@@ -159,7 +175,7 @@ def test_compose_config_resolves_with_the_example_env(tmp_path: Path) -> None:
         # What compose hands the container must pass the services' own validation.
         settings = load_settings({k: str(v) for k, v in environment.items()})
         assert settings.is_production
-        assert settings.host == "0.0.0.0"
+        assert settings.host == "0.0.0.0"  # noqa: S104 - containers must listen on all
         assert settings.messaging_url == "http://messaging:8081"
         assert settings.notifier_url == "http://notifier:8082"
 
@@ -230,7 +246,8 @@ def test_backing_services_have_health_checks_and_volumes() -> None:
     assert services["postgres"]["image"] == "postgres:15"
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     assert services["rabbitmq"]["image"].startswith("rabbitmq:3.13")
-    assert services["rabbitmq"]["healthcheck"]["test"][-3:] == ["rabbitmq-diagnostics", "-q", "ping"]
+    rabbitmq_check = services["rabbitmq"]["healthcheck"]["test"]
+    assert rabbitmq_check[-3:] == ["rabbitmq-diagnostics", "-q", "ping"]
     for name in ("postgres", "rabbitmq"):
         assert services[name]["volumes"], name
 
@@ -249,13 +266,13 @@ def test_compose_builds_from_the_repository_root() -> None:
 
 
 def test_every_interlude_variable_in_compose_is_documented() -> None:
-    undocumented = _names(COMPOSE.read_text(encoding="utf-8")) - set(_documented_variables())
+    undocumented = _names(_compose_text_without_comments()) - set(_documented_variables())
     assert not undocumented, f"add to docs/configuration.md: {sorted(undocumented)}"
 
 
 def test_env_example_and_compose_agree() -> None:
     active, _ = _env_example()
-    interpolated = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", COMPOSE.read_text(encoding="utf-8")))
+    interpolated = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", _compose_text_without_comments()))
     # COMPOSE_PROJECT_NAME is read by compose itself, not interpolated.
     assert set(active) - {"COMPOSE_PROJECT_NAME"} == interpolated
     for secret in REQUIRED_SECRETS:
@@ -267,7 +284,8 @@ def test_env_example_and_compose_agree() -> None:
 
 def test_settings_variables_are_found() -> None:
     # Guards the scan itself: an empty set would make the next tests pass vacuously.
-    assert {"INTERLUDE_ENV", "INTERLUDE_DATABASE_URL", "INTERLUDE_INTERNAL_KEY"} <= _code_variables()
+    expected = {"INTERLUDE_ENV", "INTERLUDE_DATABASE_URL", "INTERLUDE_INTERNAL_KEY"}
+    assert expected <= _code_variables()
 
 
 def test_every_code_variable_is_in_the_configuration_doc() -> None:
@@ -320,7 +338,7 @@ def test_image_is_multi_stage_non_root_and_production() -> None:
     for kw, rest in instructions:
         if kw == "ENV":
             env.update(item.split("=", 1) for item in shlex.split(rest))
-    assert env["INTERLUDE_HOST"] == "0.0.0.0"
+    assert env["INTERLUDE_HOST"] == "0.0.0.0"  # noqa: S104 - containers must listen on all
     assert env["INTERLUDE_ENV"] == "production"
 
 

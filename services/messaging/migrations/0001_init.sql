@@ -86,6 +86,9 @@ CREATE TABLE messaging.outbox (
     created_at     timestamptz NOT NULL DEFAULT now(),
     published_at   timestamptz,
     attempts       integer NOT NULL DEFAULT 0,
+    -- A row the broker could not route (no queue bound yet) waits before retrying,
+    -- so it never holds up the rows behind it.
+    next_attempt_at timestamptz,
     last_error     text
 );
 CREATE INDEX outbox_pending_idx ON messaging.outbox (id) WHERE published_at IS NULL;
