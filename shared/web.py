@@ -29,6 +29,7 @@ ReadyCheck = Callable[[web.Application], Awaitable[dict[str, str]]]
 
 READY_CHECK: web.AppKey[ReadyCheck] = web.AppKey("ready_check")
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity")
+REQUEST_ID: web.RequestKey[str] = web.RequestKey("request_id", str)
 
 
 class ApiError(Exception):
@@ -61,7 +62,7 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     request_id = request.headers.get(REQUEST_ID_HEADER) or str(uuid.uuid4())
     request_id = request_id[:128]
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     structlog.contextvars.bind_contextvars(request_id=request_id)
     try:
         response = await handler(request)

@@ -28,6 +28,8 @@ TEST_INTERNAL_KEY = "test-internal-key-" + "x" * 32
 
 @dataclass(frozen=True)
 class TestEnv:
+    __test__ = False  # a fixture value, not a test class
+
     database_url: str
     amqp_url: str
     vhost: str

@@ -30,7 +30,7 @@ from services.gateway.store import (
 )
 from services.gateway.typedefs import CALLER, LIMITER, MESSAGING, STORE
 from shared.internal_auth import SYSTEM_USER, Identity
-from shared.web import ApiError, read_model
+from shared.web import REQUEST_ID, ApiError, read_model
 
 log = structlog.get_logger(__name__)
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
@@ -124,7 +124,7 @@ async def enroll(request: web.Request) -> web.Response:
                                      status=201)
         if await store.email_in_use(body.email):
             raise EmailTaken(body.email)
-        system = Identity(SYSTEM_USER, "system", request["request_id"])
+        system = Identity(SYSTEM_USER, "system", request[REQUEST_ID])
         redeemed = await request.app[MESSAGING].call(
             "POST", "/internal/invites/redeem", system, payload={"code": body.code})
         if redeemed.status == 404:

@@ -10,7 +10,7 @@ from aiohttp import web
 from services.gateway.store import InvalidToken
 from services.gateway.typedefs import CALLER, STORE
 from shared.internal_auth import Identity
-from shared.web import ApiError, Handler
+from shared.web import REQUEST_ID, ApiError, Handler
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/enroll", "/v1/auth/login",
                           "/v1/auth/refresh"})
@@ -45,4 +45,4 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
 
 def identity_for(request: web.Request) -> Identity:
     account = request[CALLER].account
-    return Identity(user_id=account.id, role=account.role, request_id=request["request_id"])
+    return Identity(user_id=account.id, role=account.role, request_id=request[REQUEST_ID])
