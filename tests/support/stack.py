@@ -111,8 +111,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def running_stack(test_env: TestEnv) -> AsyncIterator[Stack]:
-    """Messaging, notifier and gateway apps on free ports, ready."""
+async def running_stack(test_env: TestEnv, *, require_ready: bool = True
+                        ) -> AsyncIterator[Stack]:
+    """Messaging, notifier and gateway apps on free ports, ready unless told otherwise."""
     messaging = TestServer(messaging_app(test_env.settings()))
     notifier = TestServer(notifier_app(test_env.settings()))
     await messaging.start_server()
@@ -132,7 +133,8 @@ async def running_stack(test_env: TestEnv) -> AsyncIterator[Stack]:
                 status, _ = await stack.call("GET", "/readyz")
                 return status == 200
 
-            await eventually(ready, timeout=20)
+            if require_ready:
+                await eventually(ready, timeout=20)
             yield stack
     finally:
         await gateway.close()

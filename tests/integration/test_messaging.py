@@ -1,0 +1,216 @@
+"""Relationships, keys, check-ins and replies through the real services."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import uuid
+
+import aio_pika
+import pytest
+
+from client.crypto import DeviceKeys, open_envelope
+from services.messaging.typedefs import POOL, RELAY
+from shared.amqp import EVENTS_EXCHANGE
+from shared.envelope import parse_envelope
+from tests.conftest import TestEnv
+from tests.integration.conftest import new_pair
+from tests.support.stack import Stack, eventually
+
+pytestmark = pytest.mark.integration
+
+
+def flip(data: bytes, index: int) -> bytes:
+    return data[:index] + bytes([data[index] ^ 0x01]) + data[index + 1:]
+
+
+async def test_checkin_and_reply_round_trip(stack: Stack) -> None:
+    therapist, client, rid = await new_pair(stack)
+    status, stored = await stack.post(client, rid, await stack.envelope(client, rid, "hello"))
+    assert status == 201 and stored["kind"] == "checkin"
+    status, _ = await stack.post(therapist, rid, await stack.envelope(therapist, rid, "hi back"))
+    assert status == 201
+    status, page = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
+    assert status == 200 and [m["kind"] for m in page["items"]] == ["checkin", "reply"]
+    texts = []
+    for item in page["items"]:
+        env = parse_envelope(base64.b64decode(item["envelope"]))
+        sender = client if item["kind"] == "checkin" else therapist
+        for reader in (therapist, client):  # both people, and the sender's own history
+            texts.append(open_envelope(env, user_id=reader.user_id, device_id=reader.device_id,
+                                       keys=reader.keys,
+                                       sender_signing_public_key=sender.keys.signing_public_key))
+    assert texts == ["hello", "hello", "hi back", "hi back"]
+
+
+async def test_server_refuses_what_it_cannot_vouch_for(stack: Stack) -> None:
+    therapist, client, rid = await new_pair(stack)
+    good = await stack.envelope(client, rid, "a check-in")
+    # A tampered byte of the ciphertext breaks the signature.
+    status, data = await stack.post(client, rid, flip(good, len(good) - 100))
+    assert status == 422 and data["error"]["code"] == "bad_signature"
+    # A tampered sender id no longer names the caller.
+    status, data = await stack.post(client, rid, flip(good, 40))
+    assert status == 422 and data["error"]["code"] == "invalid_envelope"
+    # Garbage is not an envelope.
+    status, data = await stack.post(client, rid, b"garbage" * 10)
+    assert status == 422 and data["error"]["code"] == "invalid_envelope"
+    status, data = await stack.call("POST", f"/v1/relationships/{rid}/messages", client,
+                                    json={"envelope": "***"})
+    assert status == 422 and data["error"]["field"] == "envelope"
+    # A therapist cannot send a check-in, nor a client someone else's envelope.
+    status, data = await stack.post(therapist, rid, good)
+    assert status == 422 and data["error"]["code"] == "wrong_kind"
+    # A client's new device that no one has wrapped for: stale keys.
+    old_keys, old_device = client.keys, client.device_id
+    client.keys, client.device_id = DeviceKeys.generate(), uuid.uuid4()
+    await stack.publish_keys(client)
+    client.keys, client.device_id = old_keys, old_device
+    status, data = await stack.post(client, rid, good)
+    assert status == 409 and data["error"]["code"] == "stale_keys"
+    # Nothing was stored.
+    status, page = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
+    assert page["items"] == []
+
+
+async def test_each_side_sees_only_its_own_relationships(stack: Stack) -> None:
+    therapist, client, rid = await new_pair(stack)
+    other_therapist, other_client, other_rid = await new_pair(stack)
+    for who in (other_therapist, other_client):
+        for path in (f"/v1/relationships/{rid}", f"/v1/relationships/{rid}/messages",
+                     f"/v1/relationships/{rid}/devices"):
+            status, data = await stack.call("GET", path, who)
+            assert status == 404, path
+    status, data = await stack.post(client, other_rid,
+                                    await stack.envelope(other_client, other_rid, "x"))
+    assert status == 404
+    status, rels = await stack.call("GET", "/v1/relationships", therapist)
+    assert [r["id"] for r in rels["items"]] == [str(rid)]
+    status, data = await stack.call("GET", "/v1/relationships/not-a-uuid", therapist)
+    assert status == 404
+
+
+async def test_idempotency_key_makes_retries_safe(stack: Stack) -> None:
+    _, client, rid = await new_pair(stack)
+    envelope = await stack.envelope(client, rid, "once")
+    first = await stack.post(client, rid, envelope, idempotency_key="retry-1")
+    again = await stack.post(client, rid, envelope, idempotency_key="retry-1")
+    assert first[0] == 201 and again[0] == 200 and first[1]["id"] == again[1]["id"]
+    # The same envelope without a key is recognised by its id.
+    assert (await stack.post(client, rid, envelope))[0] == 200
+    other = await stack.envelope(client, rid, "another")
+    status, data = await stack.post(client, rid, other, idempotency_key="retry-1")
+    assert status == 409
+    pool = stack.apps["messaging"][POOL]
+    stored = await pool.fetchval("SELECT count(*) FROM messaging.messages WHERE relationship_id"
+                                 " = $1", rid)
+    events = await pool.fetchval(
+        "SELECT count(*) FROM messaging.outbox WHERE routing_key = 'checkin.submitted'"
+        " AND payload->'data'->>'relationship_id' = $1", str(rid))
+    assert stored == 1 and events == 1
+
+
+async def test_messages_page_with_cursor(stack: Stack) -> None:
+    therapist, client, rid = await new_pair(stack)
+    for i in range(5):
+        assert (await stack.post(client, rid, await stack.envelope(client, rid, str(i))))[0] == 201
+    seen, cursor = [], ""
+    for _ in range(5):
+        status, page = await stack.call(
+            "GET", f"/v1/relationships/{rid}/messages?limit=2&cursor={cursor}"
+            if cursor else f"/v1/relationships/{rid}/messages?limit=2", therapist)
+        assert status == 200
+        seen += [m["id"] for m in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        cursor = page["next_cursor"]
+    assert len(seen) == len(set(seen)) == 5
+    status, data = await stack.call("GET", f"/v1/relationships/{rid}/messages?limit=0",
+                                    therapist)
+    assert status == 422 and data["error"]["field"] == "limit"
+
+
+async def test_key_change_is_kept_in_history_and_announced(stack: Stack) -> None:
+    _, client, rid = await new_pair(stack)
+    client.keys = DeviceKeys.generate()
+    await stack.publish_keys(client)
+    status, history = await stack.call("GET", f"/v1/relationships/{rid}/devices/history", client)
+    versions = [d["version"] for d in history["items"] if d["user_id"] == str(client.user_id)]
+    assert versions == [1, 2]
+    pool = stack.apps["messaging"][POOL]
+    announced = await pool.fetchval(
+        "SELECT count(*) FROM messaging.outbox WHERE routing_key = 'device.keys_changed'"
+        " AND payload->'data'->>'user_id' = $1", str(client.user_id))
+    assert announced == 2
+    # A record not signed by its own key is refused.
+    status, data = await stack.call("PUT", f"/v1/devices/{uuid.uuid4()}", client, json={
+        "suite": 1, "hpke_public_key": base64.b64encode(client.keys.hpke_public_key).decode(),
+        "signing_public_key": base64.b64encode(client.keys.signing_public_key).decode(),
+        "signature": base64.b64encode(b"\\0" * 64).decode()})
+    assert status == 422 and data["error"]["code"] == "bad_signature"
+
+
+async def test_relay_publishes_confirmed_events_and_marks_them_sent(
+        stack: Stack, test_env: TestEnv) -> None:
+    connection = await aio_pika.connect(test_env.amqp_url)
+    try:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(f"test-relay-{uuid.uuid4().hex}", exclusive=True)
+        await queue.bind(EVENTS_EXCHANGE, routing_key="checkin.submitted")
+        _, client, rid = await new_pair(stack)
+        status, stored = await stack.post(client, rid, await stack.envelope(client, rid, "x"))
+        assert status == 201
+
+        async def received() -> dict[str, object] | None:
+            message = await queue.get(fail=False, timeout=5)
+            if message is None:
+                return None
+            await message.ack()
+            body: dict[str, object] = json.loads(message.body)
+            return body if body["data"]["message_id"] == stored["id"] else None  # type: ignore[index]
+
+        event = await eventually(received)
+        assert event["type"] == "checkin.submitted" and event["schema_version"] == 1
+        assert set(event["data"]) == {  # type: ignore[arg-type]
+            "message_id", "relationship_id", "therapist_id", "client_id", "sender_id",
+            "sent_at", "urgent"}
+        pool = stack.apps["messaging"][POOL]
+
+        async def marked() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT published_at IS NOT NULL FROM messaging.outbox"
+                " WHERE payload->'data'->>'message_id' = $1", stored["id"]))
+
+        assert await eventually(marked)
+        assert stack.apps["messaging"][RELAY].state.listening
+    finally:
+        await connection.close()
+
+
+async def test_outbox_holds_events_while_the_broker_is_unreachable(test_env: TestEnv) -> None:
+    """With the broker unreachable, check-ins are still accepted; events wait in the outbox."""
+    from tests.support.stack import running_stack
+
+    broken = TestEnv(test_env.database_url, "amqp://guest:guest@127.0.0.1:9/", test_env.vhost,
+                     test_env.database)
+    async with running_stack(broken, require_ready=False) as stack:
+        _, client, rid = await new_pair(stack)
+        status, stored = await stack.post(client, rid, await stack.envelope(client, rid, "x"))
+        assert status == 201
+        await asyncio.sleep(0.5)
+        pool = stack.apps["messaging"][POOL]
+        pending = await pool.fetchval(
+            "SELECT published_at IS NULL FROM messaging.outbox"
+            " WHERE payload->'data'->>'message_id' = $1", stored["id"])
+        assert pending is True
+    # Back with a reachable broker, the same outbox row goes out.
+    async with running_stack(test_env) as stack:
+        pool = stack.apps["messaging"][POOL]
+
+        async def published() -> bool:
+            return bool(await pool.fetchval(
+                "SELECT published_at IS NOT NULL FROM messaging.outbox"
+                " WHERE payload->'data'->>'message_id' = $1", stored["id"]))
+
+        assert await eventually(published, timeout=15)
