@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-DEV_DATABASE_URL = "postgresql://root@127.0.0.1:5432/root"
+DEV_DATABASE_URL = "postgresql://root@127.0.0.1:5432/interlude"
 DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Known only so that production can refuse it.
 DEV_INTERNAL_KEY = "interlude-development-internal-key-do-not-use-in-production"

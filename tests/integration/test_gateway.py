@@ -25,12 +25,14 @@ async def test_therapist_enrolls_once_with_matching_email(stack: Stack) -> None:
     status, data = await stack.call("POST", "/v1/enroll", json={
         "code": code, "email": "someone-else@example.org", "password": PASSWORD,
         "display_name": "Dr X"})
-    assert status == 422 and data["error"]["field"] == "email"
+    assert status == 422
+    assert data["error"]["field"] == "email"
     therapist = await stack.enroll(code, email.upper(), "Dr X")
     assert therapist.role == "therapist"
     status, data = await stack.call("POST", "/v1/enroll", json={
         "code": code, "email": email, "password": PASSWORD, "display_name": "Dr X"})
-    assert status == 409 and data["error"]["code"] == "code_used"
+    assert status == 409
+    assert data["error"]["code"] == "code_used"
 
 
 async def test_bad_input_gets_json_errors_naming_the_field(stack: Stack) -> None:
@@ -49,19 +51,23 @@ async def test_bad_input_gets_json_errors_naming_the_field(stack: Stack) -> None
         assert data["error"]["field"] == field
     status, data = await stack.call("POST", "/v1/enroll", data=b"{not json",
                                     headers={"Content-Type": "application/json"})
-    assert status == 400 and data["error"]["code"] == "bad_request"
+    assert status == 400
+    assert data["error"]["code"] == "bad_request"
     status, data = await stack.call("POST", "/v1/enroll", data=b"x" * (300 * 1024),
                                     headers={"Content-Type": "application/json"})
-    assert status == 413 and data["error"]["code"] == "payload_too_large"
+    assert status == 413
+    assert data["error"]["code"] == "payload_too_large"
     status, data = await stack.call("POST", "/v1/enroll", json=base)
-    assert status == 400 and data["error"]["code"] == "invalid_code"
+    assert status == 400
+    assert data["error"]["code"] == "invalid_code"
 
 
 async def test_every_other_route_needs_a_valid_token(stack: Stack) -> None:
     for method, path in [("GET", "/v1/me"), ("GET", "/v1/relationships"),
                          ("POST", "/v1/invites"), ("GET", "/v1/notifications")]:
         status, data = await stack.call(method, path)
-        assert status == 401 and data["error"]["code"] == "unauthorized"
+        assert status == 401
+        assert data["error"]["code"] == "unauthorized"
         status, data = await stack.call(method, path,
                                         headers={"Authorization": "Bearer ila_forged"})
         assert status == 401
@@ -71,20 +77,24 @@ async def test_login_refresh_rotation_and_reuse_revokes_session(stack: Stack) ->
     therapist, _, _ = await new_pair(stack)
     status, data = await stack.call("POST", "/v1/auth/login",
                                     json={"email": therapist.email, "password": "wrong password!"})
-    assert status == 401 and data["error"]["code"] == "invalid_credentials"
+    assert status == 401
+    assert data["error"]["code"] == "invalid_credentials"
     status, session = await stack.call("POST", "/v1/auth/login",
                                        json={"email": therapist.email, "password": PASSWORD})
-    assert status == 200 and session["user"]["role"] == "therapist"
+    assert status == 200
+    assert session["user"]["role"] == "therapist"
     first_refresh = session["refresh_token"]
     status, rotated = await stack.call("POST", "/v1/auth/refresh",
                                        json={"refresh_token": first_refresh})
-    assert status == 200 and rotated["refresh_token"] != first_refresh
+    assert status == 200
+    assert rotated["refresh_token"] != first_refresh
     headers = {"Authorization": f"Bearer {rotated['access_token']}"}
     assert (await stack.call("GET", "/v1/me", headers=headers))[0] == 200
     # The old refresh token comes back: someone copied it. The whole session ends.
     status, data = await stack.call("POST", "/v1/auth/refresh",
                                     json={"refresh_token": first_refresh})
-    assert status == 401 and data["error"]["code"] == "session_revoked"
+    assert status == 401
+    assert data["error"]["code"] == "session_revoked"
     assert (await stack.call("GET", "/v1/me", headers=headers))[0] == 401
     status, _ = await stack.call("POST", "/v1/auth/refresh",
                                  json={"refresh_token": rotated["refresh_token"]})

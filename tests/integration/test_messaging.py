@@ -28,11 +28,13 @@ def flip(data: bytes, index: int) -> bytes:
 async def test_checkin_and_reply_round_trip(stack: Stack) -> None:
     therapist, client, rid = await new_pair(stack)
     status, stored = await stack.post(client, rid, await stack.envelope(client, rid, "hello"))
-    assert status == 201 and stored["kind"] == "checkin"
+    assert status == 201
+    assert stored["kind"] == "checkin"
     status, _ = await stack.post(therapist, rid, await stack.envelope(therapist, rid, "hi back"))
     assert status == 201
     status, page = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
-    assert status == 200 and [m["kind"] for m in page["items"]] == ["checkin", "reply"]
+    assert status == 200
+    assert [m["kind"] for m in page["items"]] == ["checkin", "reply"]
     texts = []
     for item in page["items"]:
         env = parse_envelope(base64.b64decode(item["envelope"]))
@@ -49,26 +51,32 @@ async def test_server_refuses_what_it_cannot_vouch_for(stack: Stack) -> None:
     good = await stack.envelope(client, rid, "a check-in")
     # A tampered byte of the ciphertext breaks the signature.
     status, data = await stack.post(client, rid, flip(good, len(good) - 100))
-    assert status == 422 and data["error"]["code"] == "bad_signature"
+    assert status == 422
+    assert data["error"]["code"] == "bad_signature"
     # A tampered sender id no longer names the caller.
     status, data = await stack.post(client, rid, flip(good, 40))
-    assert status == 422 and data["error"]["code"] == "invalid_envelope"
+    assert status == 422
+    assert data["error"]["code"] == "invalid_envelope"
     # Garbage is not an envelope.
     status, data = await stack.post(client, rid, b"garbage" * 10)
-    assert status == 422 and data["error"]["code"] == "invalid_envelope"
+    assert status == 422
+    assert data["error"]["code"] == "invalid_envelope"
     status, data = await stack.call("POST", f"/v1/relationships/{rid}/messages", client,
                                     json={"envelope": "***"})
-    assert status == 422 and data["error"]["field"] == "envelope"
+    assert status == 422
+    assert data["error"]["field"] == "envelope"
     # A therapist cannot send a check-in, nor a client someone else's envelope.
     status, data = await stack.post(therapist, rid, good)
-    assert status == 422 and data["error"]["code"] == "wrong_kind"
+    assert status == 422
+    assert data["error"]["code"] == "wrong_kind"
     # A client's new device that no one has wrapped for: stale keys.
     old_keys, old_device = client.keys, client.device_id
     client.keys, client.device_id = DeviceKeys.generate(), uuid.uuid4()
     await stack.publish_keys(client)
     client.keys, client.device_id = old_keys, old_device
     status, data = await stack.post(client, rid, good)
-    assert status == 409 and data["error"]["code"] == "stale_keys"
+    assert status == 409
+    assert data["error"]["code"] == "stale_keys"
     # Nothing was stored.
     status, page = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
     assert page["items"] == []
@@ -87,7 +95,7 @@ async def test_each_side_sees_only_its_own_relationships(stack: Stack) -> None:
     assert status == 404
     status, rels = await stack.call("GET", "/v1/relationships", therapist)
     assert [r["id"] for r in rels["items"]] == [str(rid)]
-    status, data = await stack.call("GET", "/v1/relationships/not-a-uuid", therapist)
+    status, _data = await stack.call("GET", "/v1/relationships/not-a-uuid", therapist)
     assert status == 404
 
 
@@ -96,11 +104,13 @@ async def test_idempotency_key_makes_retries_safe(stack: Stack) -> None:
     envelope = await stack.envelope(client, rid, "once")
     first = await stack.post(client, rid, envelope, idempotency_key="retry-1")
     again = await stack.post(client, rid, envelope, idempotency_key="retry-1")
-    assert first[0] == 201 and again[0] == 200 and first[1]["id"] == again[1]["id"]
+    assert first[0] == 201
+    assert again[0] == 200
+    assert first[1]["id"] == again[1]["id"]
     # The same envelope without a key is recognised by its id.
     assert (await stack.post(client, rid, envelope))[0] == 200
     other = await stack.envelope(client, rid, "another")
-    status, data = await stack.post(client, rid, other, idempotency_key="retry-1")
+    status, _data = await stack.post(client, rid, other, idempotency_key="retry-1")
     assert status == 409
     pool = stack.apps["messaging"][POOL]
     stored = await pool.fetchval("SELECT count(*) FROM messaging.messages WHERE relationship_id"
@@ -108,7 +118,8 @@ async def test_idempotency_key_makes_retries_safe(stack: Stack) -> None:
     events = await pool.fetchval(
         "SELECT count(*) FROM messaging.outbox WHERE routing_key = 'checkin.submitted'"
         " AND payload->'data'->>'relationship_id' = $1", str(rid))
-    assert stored == 1 and events == 1
+    assert stored == 1
+    assert events == 1
 
 
 async def test_messages_page_with_cursor(stack: Stack) -> None:
@@ -128,7 +139,8 @@ async def test_messages_page_with_cursor(stack: Stack) -> None:
     assert len(seen) == len(set(seen)) == 5
     status, data = await stack.call("GET", f"/v1/relationships/{rid}/messages?limit=0",
                                     therapist)
-    assert status == 422 and data["error"]["field"] == "limit"
+    assert status == 422
+    assert data["error"]["field"] == "limit"
 
 
 async def test_key_change_is_kept_in_history_and_announced(stack: Stack) -> None:
@@ -148,7 +160,8 @@ async def test_key_change_is_kept_in_history_and_announced(stack: Stack) -> None
         "suite": 1, "hpke_public_key": base64.b64encode(client.keys.hpke_public_key).decode(),
         "signing_public_key": base64.b64encode(client.keys.signing_public_key).decode(),
         "signature": base64.b64encode(b"\\0" * 64).decode()})
-    assert status == 422 and data["error"]["code"] == "bad_signature"
+    assert status == 422
+    assert data["error"]["code"] == "bad_signature"
 
 
 async def test_relay_publishes_confirmed_events_and_marks_them_sent(
@@ -171,7 +184,8 @@ async def test_relay_publishes_confirmed_events_and_marks_them_sent(
             return body if body["data"]["message_id"] == stored["id"] else None  # type: ignore[index]
 
         event = await eventually(received)
-        assert event["type"] == "checkin.submitted" and event["schema_version"] == 1
+        assert event["type"] == "checkin.submitted"
+        assert event["schema_version"] == 1
         assert set(event["data"]) == {  # type: ignore[arg-type]
             "message_id", "relationship_id", "therapist_id", "client_id", "sender_id",
             "sent_at", "urgent"}
