@@ -25,6 +25,7 @@ EVENTS_EXCHANGE = "interlude.events"
 DEAD_LETTER_EXCHANGE = "interlude.dead"
 # How often a failing handler is retried before the broker dead-letters it.
 DELIVERY_LIMIT = 5
+REQUEUE_DELAY_SECONDS = 1.0
 
 log = structlog.get_logger(__name__)
 
@@ -166,6 +167,9 @@ async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Ha
         # The quorum queue counts deliveries and dead-letters after DELIVERY_LIMIT.
         state.retried += 1
         log.exception("event handler failed; will be redelivered", message_id=message.message_id)
+        # A pause before the requeue, so a short outage does not use up the
+        # delivery limit in milliseconds and dead-letter a good message.
+        await asyncio.sleep(REQUEUE_DELAY_SECONDS)
         await message.nack(requeue=True)
         return
     await message.ack()

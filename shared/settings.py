@@ -84,9 +84,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     amqp_url = _url(
         env, "INTERLUDE_AMQP_URL", None if production else DEV_AMQP_URL, ("amqp", "amqps")
     )
-    if production and "guest:guest@" in amqp_url:
+    amqp_user = urlsplit(amqp_url).username
+    if production and amqp_user in (None, "", "guest"):
+        # No user means the AMQP client falls back to guest/guest.
         raise SettingsError(
-            "INTERLUDE_AMQP_URL uses the default guest credentials; refused in production"
+            "INTERLUDE_AMQP_URL must name a user other than the default guest in production"
         )
 
     raw_key = env.get("INTERLUDE_INTERNAL_KEY") or ""

@@ -204,6 +204,7 @@ def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: Te
     client = Person(tmp_path / "client", f"client-{run_id}@example.org", "Sam Client",
                     f"client-pw-{uuid.uuid4().hex}", f"client-pp-{uuid.uuid4().hex}")
     cli = Cli(stack)
+    secrets = [canary, reply_text]
 
     code = _create_therapist(stack, therapist.email, therapist.name)
     cli.run(therapist, "enroll", "--code", code, "--email", therapist.email,
@@ -245,8 +246,36 @@ def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: Te
 
     assert number(therapist) == number(client)
 
+    # Wrong passphrase: one clear line, exit 2, no traceback.
+    wrong = cli.run(Person(therapist.home, therapist.email, therapist.name, therapist.password,
+                           "not-the-passphrase"), "whoami", ok=False)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == (
+        f"interlude-client: wrong passphrase for keystore {therapist.home / 'keystore.json'}")
+
+    # The client signs in on a second device: the therapist is warned and refuses to
+    # reply until they trust the new keys.
+    laptop = Person(tmp_path / "client-laptop", client.email, client.name, client.password,
+                    f"laptop-pp-{uuid.uuid4().hex}")
+    cli.run(laptop, "login", "--email", client.email)
+    refused = cli.run(therapist, "reply", "--to", client.email, "not sent", ok=False)
+    assert refused.returncode == 3, refused.stderr
+    assert f"WARNING: the keys of {client.email} have changed" in refused.stderr
+    assert f"interlude-client trust {client.email}" in refused.stderr
+    cli.run(therapist, "trust", client.email)
+    second_reply = f"second-{uuid.uuid4().hex}"
+    cli.run(therapist, "reply", "--to", client.email, second_reply)
+    secrets.append(second_reply)
+    laptop_inbox = cli.json(laptop, "inbox")
+    assert [m.get("text") for m in laptop_inbox] == [None, None, second_reply], laptop_inbox
+    assert all("error" in m for m in laptop_inbox[:2])
+    # The first device notices a new device on its own account too.
+    own = cli.run(client, "send", "not sent either", ok=False)
+    assert own.returncode == 3, own.stderr
+    cli.run(client, "trust", client.email)
+    assert [m.get("text") for m in cli.json(client, "inbox")][-1] == second_reply
+
     # --- what the server knows ---------------------------------------------------
-    secrets = [canary, reply_text]
     dump_path = tmp_path / "db.sql"
     subprocess.run(["pg_dump", "--dbname", test_env.database_url, "--file", str(dump_path)],
                    check=True, timeout=CALL_TIMEOUT, capture_output=True)

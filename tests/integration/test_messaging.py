@@ -88,9 +88,9 @@ async def test_each_side_sees_only_its_own_relationships(stack: Stack) -> None:
     for who in (other_therapist, other_client):
         for path in (f"/v1/relationships/{rid}", f"/v1/relationships/{rid}/messages",
                      f"/v1/relationships/{rid}/devices"):
-            status, data = await stack.call("GET", path, who)
+            status, _ = await stack.call("GET", path, who)
             assert status == 404, path
-    status, data = await stack.post(client, other_rid,
+    status, _ = await stack.post(client, other_rid,
                                     await stack.envelope(other_client, other_rid, "x"))
     assert status == 404
     status, rels = await stack.call("GET", "/v1/relationships", therapist)
