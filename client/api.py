@@ -20,6 +20,7 @@ import aiohttp
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+NOT_SIGNED_IN = "not_signed_in"  # our own code: no tokens here, nothing was sent
 
 TokenCallback = Callable[[str, str], Awaitable[None] | None]
 """Called with (access_token, refresh_token) after every login, enroll or refresh."""
@@ -253,7 +254,7 @@ class GatewayClient:
         all_headers = dict(headers or {})
         if auth:
             if not self.access_token:
-                raise ApiError(401, "unauthorized", "not signed in; run "
+                raise ApiError(401, NOT_SIGNED_IN, "not signed in; run "
                                "`interlude-client login --email EMAIL`")
             all_headers["Authorization"] = f"Bearer {self.access_token}"
         url = self.base_url + path
@@ -318,7 +319,7 @@ class GatewayClient:
     async def refresh(self) -> Session:
         """Rotate the tokens with the refresh token (and report them to the callback)."""
         if not self.refresh_token:
-            raise ApiError(401, "unauthorized", "not signed in; run "
+            raise ApiError(401, NOT_SIGNED_IN, "not signed in; run "
                            "`interlude-client login --email EMAIL`")
         answer = await self._raw("POST", "/v1/auth/refresh", auth=False,
                                  body={"refresh_token": self.refresh_token})

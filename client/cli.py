@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client.api import ApiError, GatewayClient, Relationship, ServerUnreachable, User
+from client.api import NOT_SIGNED_IN, ApiError, GatewayClient, Relationship, ServerUnreachable, User
 from client.crypto import MAX_TEXT_BYTES, DeviceKeys
 from client.keystore import KeystoreError
 from client.messages import read_inbox, send_message
@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_TRUST)
     except ApiError as exc:
         code = _fail(exc.message, EXIT_API)
-        if exc.status == 401 and exc.code != "invalid_credentials":
+        if exc.status == 401 and exc.code not in ("invalid_credentials", NOT_SIGNED_IN):
             _warn(f"{PROG}: sign in again with `{PROG} login --email EMAIL`")
         return code
     except ServerUnreachable as exc:

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.integration
 INTERLUDE = [sys.executable, "-m", "services.cli"]
 
 
-def run(args: list[str], env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], env: dict[str, str],
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*INTERLUDE, *args], env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
 
