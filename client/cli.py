@@ -21,7 +21,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from client.api import NOT_SIGNED_IN, ApiError, GatewayClient, Relationship, ServerUnreachable, User
+from client.api import (
+    NOT_SIGNED_IN,
+    ApiError,
+    GatewayClient,
+    Relationship,
+    ServerUnreachable,
+    User,
+)
 from client.crypto import MAX_TEXT_BYTES, DeviceKeys
 from client.keystore import KeystoreError
 from client.messages import read_inbox, send_message

@@ -94,7 +94,8 @@ class Publisher:
         # Concurrent publishes share one connection; only one of them may make it.
         self._lock = asyncio.Lock()
 
-    async def _ensure(self) -> aio_pika.abc.AbstractExchange:
+    async def ensure(self) -> aio_pika.abc.AbstractExchange:
+        """Connect (if not connected) and declare the exchanges."""
         async with self._lock:
             if self._exchange is not None and self._connection is not None \
                     and not self._connection.is_closed:
@@ -113,7 +114,7 @@ class Publisher:
     async def publish(self, routing_key: str, body: bytes, *, message_id: str,
                       correlation_id: str | None = None, timeout: float = 10.0) -> None:
         try:
-            exchange = await self._ensure()
+            exchange = await self.ensure()
             message = aio_pika.Message(
                 body, message_id=message_id, correlation_id=correlation_id,
                 content_type="application/json",

@@ -11,7 +11,7 @@ from aiohttp import web
 from services.messaging.relay import OutboxRelay
 from services.messaging.routes import setup_routes
 from services.messaging.store import MessagingStore
-from services.messaging.typedefs import POOL, RELAY, RELAY_TASK, SETTINGS, STORE
+from services.messaging.typedefs import POOL, PUBLISHER, RELAY, RELAY_TASK, SETTINGS, STORE
 from shared.amqp import Publisher
 from shared.db import check_database, create_pool
 from shared.settings import Settings
@@ -31,6 +31,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _relay(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     publisher = Publisher(settings.amqp_url)
+    app[PUBLISHER] = publisher
     relay = OutboxRelay(app[POOL], publisher, settings.database_url,
                         settings.outbox_poll_seconds)
     app[RELAY] = relay
@@ -48,11 +49,12 @@ async def _ready(app: web.Application) -> dict[str, str]:
         await check_database(app[POOL])
     except Exception as exc:
         problems["database"] = exc.__class__.__name__
-    relay = app[RELAY]
-    if not relay.state.listening:
+    if not app[RELAY].state.listening:
         problems["database_listen"] = "not listening"
-    if relay.state.failures and not relay.state.broker_ok:
-        problems["broker"] = "last publish failed"
+    try:
+        await asyncio.wait_for(app[PUBLISHER].ensure(), 3.0)
+    except Exception as exc:  # readiness reports any failure to reach the broker
+        problems["broker"] = exc.__class__.__name__
     return problems
 
 

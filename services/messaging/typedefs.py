@@ -9,10 +9,12 @@ from aiohttp import web
 
 from services.messaging.relay import OutboxRelay
 from services.messaging.store import MessagingStore
+from shared.amqp import Publisher
 from shared.settings import Settings
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool", asyncpg.Pool)
 STORE: web.AppKey[MessagingStore] = web.AppKey("store", MessagingStore)
+PUBLISHER: web.AppKey[Publisher] = web.AppKey("publisher", Publisher)
 RELAY: web.AppKey[OutboxRelay] = web.AppKey("relay", OutboxRelay)
 RELAY_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("relay_task", asyncio.Task)

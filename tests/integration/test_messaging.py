@@ -228,3 +228,16 @@ async def test_outbox_holds_events_while_the_broker_is_unreachable(test_env: Tes
                 " WHERE payload->'data'->>'message_id' = $1", stored["id"]))
 
         assert await eventually(published, timeout=15)
+
+
+async def test_messaging_is_not_ready_without_its_broker(test_env: TestEnv) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from services.messaging.app import create_app
+
+    settings = test_env.settings(INTERLUDE_AMQP_URL="amqp://guest:guest@127.0.0.1:9/")
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.get("/readyz")
+        assert response.status == 503
+        assert "broker" in (await response.json())["problems"]
+        assert (await client.get("/healthz")).status == 200
