@@ -34,6 +34,7 @@ from client.keystore import KeystoreError
 from client.messages import read_inbox, send_message
 from client.session import (
     LocalStore,
+    NotEnrolled,
     State,
     UsageError,
     ask_passphrase,
@@ -355,7 +356,8 @@ _NOTIFICATION_KINDS = {"checkin.received": "new check-in", "reply.received": "ne
 async def cmd_notifications(args: argparse.Namespace) -> int:
     async with open_account(args) as acct:
         items = []
-        async for item in acct.api.notifications(unread=args.unread):
+        async for item in acct.api.notifications(unread=args.unread,
+                                                 page_size=min(args.limit, 100)):
             items.append(item)
             if len(items) >= args.limit:
                 break
@@ -522,8 +524,14 @@ def _fail(message: str, code: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "notifications" and args.limit < 1:
+        parser.error("--limit must be at least 1")
     try:
+        if args.command not in ("enroll", "login") and not LocalStore(args.home).exists():
+            # Before locking, so a mistyped --home does not leave an empty directory behind.
+            raise NotEnrolled(f"not enrolled here ({args.home}); run enroll or login")
         with home_lock(args.home):
             result: int = asyncio.run(args.func(args))
         return result
@@ -542,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_USAGE)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # never a traceback; the type says where to look
+        return _fail(f"unexpected error ({exc.__class__.__name__}): {exc}", EXIT_API)
 
 
 if __name__ == "__main__":

@@ -178,8 +178,9 @@ async def relationship_devices(request: web.Request) -> web.Response:
 async def relationship_device_history(request: web.Request) -> web.Response:
     rel = await _member_relationship(request)
     store = _store(request)
-    history = [*await store.device_history(rel.therapist_id),
-               *await store.device_history(rel.client_id)]
+    history = sorted([*await store.device_history(rel.therapist_id),
+                      *await store.device_history(rel.client_id)],
+                     key=lambda d: (d.updated_at, d.user_id.bytes, d.device_id.bytes, d.version))
     return web.json_response({"items": [device_json(d) for d in history]})
 
 

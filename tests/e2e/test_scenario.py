@@ -98,12 +98,18 @@ def stack(test_env: TestEnv, tmp_path: Path) -> Iterator[Stack]:
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in processes:
+        unclean = []
+        for name, process in zip(SERVICES, processes, strict=False):
             try:
-                process.wait(timeout=STOP_TIMEOUT)
+                code = process.wait(timeout=STOP_TIMEOUT)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+                code = None
+            if code != 0:
+                unclean.append(f"{name} (exit {code})")
+        if unclean:
+            pytest.fail(f"services did not stop cleanly on SIGTERM: {', '.join(unclean)}")
 
 
 @dataclass

@@ -1,0 +1,653 @@
+"""The client SDK and CLI without the real services.
+
+A small fake gateway (aiohttp, in a thread, because `main` runs its own event
+loop) stands in for the server: it keeps device records and messages in memory
+and checks envelopes the way messaging does (self-signed devices, stale keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientTimeout, web
+
+from client import cli, messages
+from client.api import ApiError, Device, GatewayClient, ServerUnreachable
+from client.crypto import DeviceKeys
+from client.session import LocalStore, PinnedKey, State
+from client.trust import (
+    UnsignedDevice,
+    VerifiedDevice,
+    accept_keys,
+    check_pins,
+    verify_device,
+    verify_devices,
+)
+from shared.envelope import KIND_CHECKIN, key_id_for, parse_envelope
+
+PASSPHRASE = "unit-test-passphrase"
+PASSWORD = "unit-test-password-123"
+
+
+# -- a fake gateway ----------------------------------------------------------------
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+@dataclass
+class FakeGateway:
+    therapist_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    client_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    relationship_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    therapist_device: uuid.UUID = field(default_factory=uuid.uuid4)
+    devices: dict[tuple[uuid.UUID, uuid.UUID], dict[str, Any]] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    posts: list[tuple[str | None, bytes]] = field(default_factory=list)
+    answers: list[web.Response] = field(default_factory=list)  # next POST /messages answers
+    fail_publish: bool = False
+    access_token: str = "access-1"
+    refresh_token: str = "refresh-1"
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self.therapist_keys = DeviceKeys.generate()
+        self.publish(self.therapist_id, self.therapist_device, self.therapist_keys)
+
+    def user(self, user_id: uuid.UUID) -> dict[str, str]:
+        if user_id == self.therapist_id:
+            return {"id": str(user_id), "email": "dr@example.org", "display_name": "Dr T",
+                    "role": "therapist"}
+        return {"id": str(user_id), "email": "sam@example.org", "display_name": "Sam",
+                "role": "client"}
+
+    def publish(self, user_id: uuid.UUID, device_id: uuid.UUID, keys: DeviceKeys, *,
+                signature: bytes | None = None) -> None:
+        version = sum(1 for d in self.history if d["device_id"] == str(device_id)) + 1
+        record = {"user_id": str(user_id), "device_id": str(device_id), "version": version,
+                  "suite": keys.suite, "hpke_public_key": _b64(keys.hpke_public_key),
+                  "signing_public_key": _b64(keys.signing_public_key),
+                  "signature": _b64(signature or keys.sign_device_record(user_id, device_id)),
+                  "key_id": keys.key_id.hex(), "updated_at": "2025-01-01T00:00:00+00:00"}
+        self.devices[(user_id, device_id)] = record
+        self.history.append(record)
+
+    def session(self) -> dict[str, Any]:
+        return {"user": self.user(self.client_id), "access_token": self.access_token,
+                "refresh_token": self.refresh_token, "token_type": "Bearer", "expires_in": 900}
+
+    def _authorized(self, request: web.Request) -> bool:
+        return request.headers.get("Authorization") == f"Bearer {self.access_token}"
+
+    def app(self) -> web.Application:
+        routes = web.RouteTableDef()
+
+        @web.middleware
+        async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+            if request.path not in ("/v1/enroll", "/v1/auth/refresh") \
+                    and not self._authorized(request):
+                return _error(401, "unauthorized", "access token is invalid or expired")
+            response: web.StreamResponse = await handler(request)
+            return response
+
+        @routes.post("/v1/enroll")
+        async def enroll(request: web.Request) -> web.Response:
+            body = await request.json()
+            if body["code"] != "GOOD-CODE":
+                return _error(400, "invalid_code", "this enrollment code is not valid")
+            return web.json_response({**self.session(),
+                                      "relationship_id": str(self.relationship_id)}, status=201)
+
+        @routes.post("/v1/auth/refresh")
+        async def refresh(request: web.Request) -> web.Response:
+            body = await request.json()
+            if body["refresh_token"] != self.refresh_token:
+                return _error(401, "session_revoked", "this refresh token was already used")
+            self.access_token = f"access-{uuid.uuid4()}"
+            self.refresh_token = f"refresh-{uuid.uuid4()}"
+            return web.json_response(self.session())
+
+        @routes.put("/v1/devices/{device_id}")
+        async def publish(request: web.Request) -> web.Response:
+            if self.fail_publish:
+                return _error(503, "unavailable", "the messaging service is unavailable")
+            body = await request.json()
+            device_id = uuid.UUID(request.match_info["device_id"])
+            record = {"user_id": str(self.client_id), "device_id": str(device_id),
+                      "version": 1, **body,
+                      "key_id": key_id_for(base64.b64decode(body["hpke_public_key"])).hex(),
+                      "updated_at": "2025-01-01T00:00:00+00:00"}
+            self.devices[(self.client_id, device_id)] = record
+            self.history.append(record)
+            return web.json_response({**record, "changed": True}, status=201)
+
+        @routes.get("/v1/relationships")
+        async def relationships(request: web.Request) -> web.Response:
+            return web.json_response({"items": [{
+                "id": str(self.relationship_id), "therapist_id": str(self.therapist_id),
+                "client_id": str(self.client_id), "status": "active",
+                "created_at": "2025-01-01T00:00:00+00:00",
+                "therapist": self.user(self.therapist_id), "client": self.user(self.client_id)}]})
+
+        @routes.get("/v1/relationships/{rid}/devices")
+        async def devices(request: web.Request) -> web.Response:
+            return web.json_response({"items": list(self.devices.values())})
+
+        @routes.get("/v1/relationships/{rid}/devices/history")
+        async def history(request: web.Request) -> web.Response:
+            return web.json_response({"items": self.history})
+
+        @routes.post("/v1/relationships/{rid}/messages")
+        async def post_message(request: web.Request) -> web.Response:
+            raw = base64.b64decode((await request.json())["envelope"])
+            self.posts.append((request.headers.get("Idempotency-Key"), raw))
+            if self.answers:
+                return self.answers.pop(0)
+            env = parse_envelope(raw)
+            expected = {(uuid.UUID(d["user_id"]), uuid.UUID(d["device_id"]), d["key_id"])
+                        for d in self.devices.values()}
+            if {(r.user_id, r.device_id, r.key_id.hex()) for r in env.recipients} != expected:
+                return _error(409, "stale_keys", "fetch the devices and seal again")
+            message = {"id": str(env.message_id), "seq": len(self.messages) + 1,
+                       "relationship_id": str(self.relationship_id), "kind": "checkin",
+                       "sender_id": str(env.sender_user_id),
+                       "sender_device_id": str(env.sender_device_id), "urgent": env.urgent,
+                       "sent_at": "2025-01-01T00:00:00+00:00",
+                       "created_at": f"2025-01-01T00:00:{len(self.messages):02d}+00:00",
+                       "envelope": _b64(raw)}
+            self.messages.append(message)
+            return web.json_response({k: v for k, v in message.items() if k != "envelope"},
+                                     status=201)
+
+        @routes.get("/v1/relationships/{rid}/messages")
+        async def list_messages(request: web.Request) -> web.Response:
+            return web.json_response({"items": self.messages, "next_cursor": None})
+
+        @routes.get("/v1/notifications")
+        async def notifications(request: web.Request) -> web.Response:
+            return web.Response(status=502, text="<html>bad gateway</html>")
+
+        app = web.Application(middlewares=[auth])
+        app.add_routes(routes)
+        return app
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeGateway]:
+    gateway = FakeGateway()
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(gateway.app())
+    started = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        loop.run_until_complete(site.start())
+        host, port = runner.addresses[0][:2]
+        gateway.url = f"http://{host}:{port}"
+        started.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield gateway
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("INTERLUDE_PASSPHRASE", PASSPHRASE)
+    monkeypatch.setenv("INTERLUDE_PASSWORD", PASSWORD)
+    monkeypatch.delenv("INTERLUDE_SERVER", raising=False)
+    monkeypatch.setattr(messages, "RETRY_DELAY_SECONDS", 0.01)
+    return tmp_path / "home"
+
+
+def run(home: Path, fake: FakeGateway, *args: str) -> int:
+    return cli.main(["--server", fake.url, "--home", str(home), *args])
+
+
+def enroll(home: Path, fake: FakeGateway) -> None:
+    assert run(home, fake, "enroll", "--code", "GOOD-CODE", "--email", "sam@example.org",
+               "--name", "Sam") == 0
+
+
+def load(home: Path) -> State:
+    return LocalStore(home).load(PASSPHRASE)
+
+
+# -- argument parsing -----------------------------------------------------------------
+
+COMMANDS = ["enroll", "login", "logout", "whoami", "relationships", "invite", "send", "reply",
+            "inbox", "notifications", "fingerprint", "trust"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: interlude-client {command}" in capsys.readouterr().out
+
+
+def test_parsing_of_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INTERLUDE_CLIENT_HOME", "/tmp/somewhere")
+    parser = cli.build_parser()
+    args = parser.parse_args(["send", "--urgent", "--to", "dr@example.org", "hello"])
+    assert (args.func, args.urgent, args.to, args.text) == (cli.cmd_send, True,
+                                                           "dr@example.org", "hello")
+    assert args.home == Path("/tmp/somewhere")
+    assert args.server is None
+    args = parser.parse_args(["--server", "http://gw:1", "reply", "--to", "x@y.z", "-"])
+    assert (args.server, args.text) == ("http://gw:1", "-")
+    args = parser.parse_args(["enroll", "--code", "C", "--email", "e@x.org", "--name", "N"])
+    assert args.suite == "mlkem768-x25519"
+    args = parser.parse_args(["notifications", "--json", "--unread", "--mark-read"])
+    assert (args.json, args.unread, args.mark_read, args.limit) == (True, True, True, 50)
+
+
+@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["send"], ["enroll", "--code", "C"],
+                                  ["trust"]])
+def test_bad_usage_exits_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(argv)
+    assert exit_.value.code == 2
+
+
+def test_server_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = cli.build_parser()
+    monkeypatch.delenv("INTERLUDE_SERVER", raising=False)
+    assert cli._server(parser.parse_args(["whoami"]), None) == "http://127.0.0.1:8080"
+    monkeypatch.setenv("INTERLUDE_SERVER", "http://env:1/")
+    assert cli._server(parser.parse_args(["whoami"]), None) == "http://env:1"
+    assert cli._server(parser.parse_args(["--server", "http://flag:2", "whoami"]),
+                       None) == "http://flag:2"
+
+
+def test_message_text_rules(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli.read_text("hello\n") == "hello"
+    monkeypatch.setattr("sys.stdin", io.StringIO("from stdin\nsecond line\n"))
+    assert cli.read_text("-") == "from stdin\nsecond line"
+    with pytest.raises(cli.UsageError, match="empty"):
+        cli.read_text("  \n")
+    with pytest.raises(cli.UsageError, match="too long"):
+        cli.read_text("x" * 70_000)
+
+
+# -- pinning -----------------------------------------------------------------------------
+
+def _state(user_id: uuid.UUID) -> State:
+    user = cli.User(user_id, "me@example.org", "Me", "client")
+    return State(server="http://x", user=user, device_id=uuid.uuid4(),
+                 keys=DeviceKeys.generate(2))
+
+
+def _device(user_id: uuid.UUID, keys: DeviceKeys, device_id: uuid.UUID | None = None
+            ) -> VerifiedDevice:
+    device_id = device_id or uuid.uuid4()
+    checked = verify_device(Device(
+        user_id, device_id, 1, keys.suite, _b64(keys.hpke_public_key),
+        _b64(keys.signing_public_key), _b64(keys.sign_device_record(user_id, device_id)),
+        keys.key_id.hex(), "2025-01-01T00:00:00+00:00"))
+    assert checked is not None
+    return checked
+
+
+def test_first_seen_keys_are_pinned_and_a_change_is_reported() -> None:
+    me, peer = uuid.uuid4(), uuid.uuid4()
+    state = _state(me)
+    mine = _device(me, state.keys, state.device_id)
+    theirs = _device(peer, DeviceKeys.generate(2))
+    report = check_pins(state, [mine, theirs], {peer: "dr@example.org"})
+    assert set(report.first_seen) == {me, peer}
+    assert report.changed == ()
+    assert state.pins[peer].email == "dr@example.org"
+    assert state.pins[peer].keys == {theirs.pin}
+
+    assert check_pins(state, [mine, theirs], {}).changed == ()  # nothing new
+
+    rotated = _device(peer, DeviceKeys.generate(2), theirs.device_id)
+    assert check_pins(state, [mine, rotated], {}).changed == (peer,)
+    second = _device(peer, DeviceKeys.generate(2))
+    assert check_pins(state, [mine, theirs, second], {}).changed == (peer,)
+    # A removed device is no reason to warn.
+    assert check_pins(state, [mine], {}).changed == ()
+
+    assert accept_keys(state, peer, [mine, rotated], "dr@example.org") == 1
+    assert check_pins(state, [mine, rotated], {}).changed == ()
+    assert theirs.pin in state.pins[peer].keys  # old keys stay trusted for old messages
+
+
+def test_a_new_device_on_my_own_account_is_reported() -> None:
+    me = uuid.uuid4()
+    state = _state(me)
+    mine = _device(me, state.keys, state.device_id)
+    assert check_pins(state, [mine], {}).first_seen == (me,)
+    assert check_pins(state, [mine, _device(me, DeviceKeys.generate(2))], {}).changed == (me,)
+
+
+def test_a_record_that_is_not_self_signed_is_refused() -> None:
+    user_id, device_id, keys = uuid.uuid4(), uuid.uuid4(), DeviceKeys.generate(2)
+    forged = Device(user_id, device_id, 1, 2, _b64(keys.hpke_public_key),
+                    _b64(DeviceKeys.generate(2).signing_public_key),
+                    _b64(keys.sign_device_record(user_id, device_id)), keys.key_id.hex(), "")
+    assert verify_device(forged) is None
+    with pytest.raises(UnsignedDevice, match="not validly self-signed"):
+        verify_devices([forged])
+    wrong_key_id = Device(user_id, device_id, 1, 2, _b64(keys.hpke_public_key),
+                          _b64(keys.signing_public_key),
+                          _b64(keys.sign_device_record(user_id, device_id)), "00" * 8, "")
+    assert verify_device(wrong_key_id) is None
+
+
+def test_pins_survive_the_keystore(tmp_path: Path) -> None:
+    state = _state(uuid.uuid4())
+    peer = uuid.uuid4()
+    accept_keys(state, peer, [_device(peer, DeviceKeys.generate(2))], "dr@example.org")
+    store = LocalStore(tmp_path / "h")
+    store.create(state, PASSPHRASE)
+    loaded = store.load(PASSPHRASE)
+    assert loaded.pins[peer].keys == state.pins[peer].keys
+    assert all(isinstance(k, PinnedKey) for k in loaded.pins[peer].keys)
+    assert loaded.keys.to_dict() == state.keys.to_dict()
+    assert (tmp_path / "h").stat().st_mode & 0o777 == 0o700
+    assert store.path.stat().st_mode & 0o777 == 0o600
+
+
+# -- the CLI against the fake gateway ------------------------------------------------------
+
+def test_enroll_send_and_read(fake: FakeGateway, home: Path,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    state = load(home)
+    assert state.keys_published
+    assert state.access_token == fake.access_token
+    assert run(home, fake, "send", "--urgent", "my secret worry") == 0
+    out = capsys.readouterr()
+    assert "my secret worry" not in out.out + out.err
+    assert "encrypted for 2 devices" in out.out
+    key, raw = fake.posts[-1]
+    env = parse_envelope(raw)
+    assert key is not None
+    assert env.kind == KIND_CHECKIN
+    assert env.urgent
+    assert {r.device_id for r in env.recipients} == {state.device_id, fake.therapist_device}
+
+    assert run(home, fake, "inbox", "--json") == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert entries == [{
+        "id": str(env.message_id), "relationship_id": str(fake.relationship_id),
+        "kind": "checkin", "from": "sam@example.org", "from_name": "Sam",
+        "text": "my secret worry", "sent_at": entries[0]["sent_at"], "urgent": True,
+        "key_trusted": True}]
+
+
+def test_enroll_refuses_an_existing_keystore(fake: FakeGateway, home: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "enroll", "--code", "GOOD-CODE", "--email", "sam@example.org",
+               "--name", "Sam") == 2
+    assert "already enrolled here" in capsys.readouterr().err
+
+
+def test_changed_therapist_keys_refuse_sending_until_trusted(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    assert run(home, fake, "send", "first") == 0
+    fake.publish(fake.therapist_id, fake.therapist_device, DeviceKeys.generate())
+    posts = len(fake.posts)
+    capsys.readouterr()
+
+    assert run(home, fake, "send", "second") == 3
+    err = capsys.readouterr().err
+    assert "WARNING: the keys of dr@example.org have changed" in err
+    assert "interlude-client trust dr@example.org" in err
+    assert len(fake.posts) == posts  # nothing was sent
+
+    assert run(home, fake, "fingerprint") == 0  # still shows the number (and warns)
+    assert run(home, fake, "trust", "dr@example.org") == 0
+    out = capsys.readouterr().out
+    assert "1 key(s) newly accepted" in out
+    assert run(home, fake, "send", "second") == 0
+
+
+def test_unsigned_device_record_refuses_sending(fake: FakeGateway, home: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    keys = DeviceKeys.generate()
+    fake.publish(fake.therapist_id, uuid.uuid4(), keys, signature=bytes(64))
+    capsys.readouterr()
+    assert run(home, fake, "send", "hello") == 3
+    assert "not validly self-signed" in capsys.readouterr().err
+
+
+def test_stale_keys_reseal_once(fake: FakeGateway, home: Path) -> None:
+    enroll(home, fake)
+    fake.answers.append(_error(409, "stale_keys", "seal again"))
+    assert run(home, fake, "send", "hello") == 0
+    assert len(fake.posts) == 2
+    assert fake.posts[0][0] != fake.posts[1][0]  # a new envelope gets a new key
+    fake.answers.extend([_error(409, "stale_keys", "x"), _error(409, "stale_keys", "x")])
+    assert run(home, fake, "send", "hello") == 1
+
+
+def test_retry_after_503_reuses_the_idempotency_key(fake: FakeGateway, home: Path) -> None:
+    enroll(home, fake)
+    fake.answers.append(_error(503, "unavailable", "try again"))
+    assert run(home, fake, "send", "hello") == 0
+    (key1, raw1), (key2, raw2) = fake.posts
+    assert key1 == key2
+    assert raw1 == raw2
+
+
+def test_inbox_shows_a_broken_message_as_an_error(fake: FakeGateway, home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    assert run(home, fake, "send", "one") == 0
+    assert run(home, fake, "send", "two") == 0
+    tampered = bytearray(base64.b64decode(fake.messages[0]["envelope"]))
+    tampered[-70] ^= 1  # inside the ciphertext: the signature no longer verifies
+    fake.messages[0]["envelope"] = _b64(bytes(tampered))
+    fake.messages.append({**fake.messages[1], "id": str(uuid.uuid4())})  # server lies
+    capsys.readouterr()
+    assert run(home, fake, "inbox", "--json") == 0
+    entries = json.loads(capsys.readouterr().out)
+    assert "signature does not verify" in entries[0]["error"]
+    assert "text" not in entries[0]
+    assert entries[1]["text"] == "two"
+    assert "does not match" in entries[2]["error"]
+    assert run(home, fake, "inbox") == 0
+    assert "[cannot be shown:" in capsys.readouterr().out
+
+
+def test_failed_publication_is_retried_by_the_next_command(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake.fail_publish = True
+    assert run(home, fake, "enroll", "--code", "GOOD-CODE", "--email", "sam@example.org",
+               "--name", "Sam") == 1
+    assert "next command retries" in capsys.readouterr().err
+    assert not load(home).keys_published
+    fake.fail_publish = False
+    assert run(home, fake, "relationships") == 0
+    assert load(home).keys_published
+    assert (fake.client_id, load(home).device_id) in fake.devices
+
+
+def test_expired_access_token_is_refreshed_and_persisted(fake: FakeGateway, home: Path) -> None:
+    enroll(home, fake)
+    fake.access_token = "rotated-by-server"  # the stored one no longer works
+    assert run(home, fake, "relationships") == 0
+    state = load(home)
+    assert state.access_token == fake.access_token != "rotated-by-server"
+    assert state.refresh_token == fake.refresh_token
+
+
+def test_a_spent_refresh_token_is_reported(fake: FakeGateway, home: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    fake.access_token, fake.refresh_token = "other", "other"
+    capsys.readouterr()
+    assert run(home, fake, "relationships") == 1
+    err = capsys.readouterr().err
+    assert "interlude-client: this refresh token was already used" in err
+    assert "login --email" in err
+
+
+# -- error mapping ---------------------------------------------------------------------------
+
+def test_api_error_is_built_from_the_json_body(fake: FakeGateway, home: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(home, fake, "enroll", "--code", "BAD-CODE", "--email", "sam@example.org",
+               "--name", "Sam") == 1
+    assert capsys.readouterr().err == "interlude-client: this enrollment code is not valid\n"
+    assert not (home / "keystore.json").exists()
+
+
+def test_non_json_error_body(fake: FakeGateway, home: Path,
+                             capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "notifications") == 1
+    assert "the server answered HTTP 502" in capsys.readouterr().err
+
+
+async def test_api_error_fields(fake: FakeGateway) -> None:
+    async with GatewayClient(fake.url) as api:
+        with pytest.raises(ApiError) as caught:
+            await api.enroll(code="NOPE", email="a@b.org", password="x" * 12, display_name="A")
+    assert (caught.value.status, caught.value.code) == (400, "invalid_code")
+    assert caught.value.message == "this enrollment code is not valid"
+
+
+async def test_unreachable_server_names_the_url(unused_tcp_port: int) -> None:
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    async with GatewayClient(url) as api:
+        with pytest.raises(ServerUnreachable, match=f"cannot reach the Interlude server at {url}"):
+            await api.login(email="a@b.org", password="x")
+
+
+async def test_slow_server_times_out() -> None:
+    release = asyncio.Event()
+
+    async def slow(_: web.Request) -> web.Response:
+        await asyncio.wait_for(release.wait(), 5)
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_get("/v1/me", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with GatewayClient(f"http://{host}:{port}", access_token="t",
+                                 timeout=ClientTimeout(total=0.2)) as api:
+            with pytest.raises(ServerUnreachable, match="did not answer in time"):
+                await api.me()
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+def test_unreachable_server_exits_1(home: Path, capsys: pytest.CaptureFixture[str],
+                                    unused_tcp_port: int) -> None:
+    url = f"http://127.0.0.1:{unused_tcp_port}"
+    assert cli.main(["--server", url, "--home", str(home), "login", "--email",
+                     "sam@example.org"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"interlude-client: cannot reach the Interlude server at {url}")
+    assert "Traceback" not in err
+
+
+def test_wrong_passphrase_exits_2(fake: FakeGateway, home: Path,
+                                  monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    monkeypatch.setenv("INTERLUDE_PASSPHRASE", "not the passphrase")
+    assert run(home, fake, "inbox") == 2
+    assert capsys.readouterr().err == (
+        f"interlude-client: wrong passphrase for keystore {home / 'keystore.json'}\n")
+
+
+def test_not_enrolled_exits_2(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["--home", str(home), "inbox"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("interlude-client: not enrolled here")
+    assert err.endswith("run enroll or login\n")
+
+
+def test_no_terminal_and_no_passphrase_exits_2(fake: FakeGateway, home: Path,
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("INTERLUDE_PASSPHRASE")
+    monkeypatch.setattr("client.session._have_terminal", lambda: False)
+    assert run(home, fake, "enroll", "--code", "GOOD-CODE", "--email", "sam@example.org",
+               "--name", "Sam") == 2
+    assert capsys.readouterr().err == (
+        "interlude-client: no terminal to ask for the keystore passphrase; "
+        "set INTERLUDE_PASSPHRASE\n")
+
+
+async def test_token_callback_sees_rotated_tokens(fake: FakeGateway) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def keep(access: str, refresh: str) -> None:
+        seen.append((access, refresh))
+
+    async with GatewayClient(fake.url, access_token="stale", refresh_token=fake.refresh_token,
+                             on_tokens=keep) as api:
+        rels = await api.relationships()
+    assert [r.id for r in rels] == [fake.relationship_id]
+    assert seen == [(fake.access_token, fake.refresh_token)]
+
+
+async def test_messages_follow_cursors() -> None:
+    pages = {"": (["a", "b"], "2"), "2": (["c"], None)}
+
+    async def handler(request: web.Request) -> web.Response:
+        ids, cursor = pages[request.query.get("cursor", "")]
+        return web.json_response({"items": [{
+            "id": str(uuid.uuid5(uuid.NAMESPACE_DNS, i)), "seq": n, "relationship_id":
+            str(uuid.UUID(int=1)), "kind": "checkin", "sender_id": str(uuid.UUID(int=2)),
+            "sender_device_id": str(uuid.UUID(int=3)), "urgent": False, "sent_at": "t",
+            "created_at": "t", "envelope": "e"} for n, i in enumerate(ids)],
+            "next_cursor": cursor})
+
+    app = web.Application()
+    app.router.add_get("/v1/relationships/{rid}/messages", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        async with GatewayClient(f"http://{host}:{port}", access_token="t") as api:
+            got = [m.id async for m in api.messages(uuid.UUID(int=1))]
+    finally:
+        await runner.cleanup()
+    assert got == [uuid.uuid5(uuid.NAMESPACE_DNS, i) for i in "abc"]
