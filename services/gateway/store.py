@@ -14,10 +14,11 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from shared import codes
+
 ACCESS_TOKEN_LIFETIME = timedelta(minutes=15)
 REFRESH_TOKEN_LIFETIME = timedelta(days=30)
 THERAPIST_CODE_LIFETIME = timedelta(days=14)
-_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"
 
 
 class GatewayError(Exception):
@@ -77,13 +78,7 @@ def token_hash(token: str) -> bytes:
 
 
 def code_hash(code: str) -> bytes:
-    normalized = code.strip().upper().replace("-", "").replace(" ", "")
-    return hashlib.sha256(b"interlude/enroll/" + normalized.encode()).digest()
-
-
-def new_code() -> str:
-    raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(20))
-    return "-".join(raw[i:i + 4] for i in range(0, 20, 4))
+    return codes.hash_code(code, "enroll")
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -120,7 +115,7 @@ class GatewayStore:
     async def create_therapist(self, email: str, display_name: str,
                                now: datetime) -> tuple[Account, str]:
         """A therapist account awaiting enrollment, and its one-time code."""
-        code = new_code()
+        code = codes.new_code()
         account_id = uuid.uuid4()
         async with self.pool.acquire() as conn, conn.transaction():
             try:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
 
+from shared import codes
 from shared.events import (
     CHECKIN_SUBMITTED,
     DEVICE_KEYS_CHANGED,
@@ -30,7 +30,6 @@ from shared.events import (
 OUTBOX_CHANNEL = "messaging_outbox"
 INVITE_LIFETIME = timedelta(days=7)
 MAX_DEVICES_PER_USER = 10
-_CODE_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 
 
 class MessagingError(Exception):
@@ -120,14 +119,7 @@ class NewMessage:
 
 
 def hash_code(code: str) -> bytes:
-    normalized = code.strip().upper().replace("-", "").replace(" ", "")
-    return hashlib.sha256(b"interlude/invite/" + normalized.encode()).digest()
-
-
-def new_code() -> str:
-    """A one-time code: 20 characters (100 bits) in groups of four."""
-    raw = "".join(secrets.choice(_CODE_ALPHABET) for _ in range(20))
-    return "-".join(raw[i:i + 4] for i in range(0, 20, 4))
+    return codes.hash_code(code, "invite")
 
 
 async def _add_event(conn: asyncpg.Connection, routing_key: str, data: object,
@@ -164,7 +156,7 @@ class MessagingStore:
     # -- invites and relationships ---------------------------------------------------
 
     async def create_invite(self, therapist_id: uuid.UUID, now: datetime) -> Invite:
-        code = new_code()
+        code = codes.new_code()
         invite_id = uuid.uuid4()
         expires_at = now + INVITE_LIFETIME
         await self.pool.execute(

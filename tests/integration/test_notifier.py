@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -28,6 +28,7 @@ from shared.events import (
 )
 from shared.internal_auth import Identity, sign_headers
 from tests.conftest import TEST_INTERNAL_KEY
+from tests.support.stack import eventually
 
 if TYPE_CHECKING:
     # Imported for annotations only: a module-level ``TestEnv`` would be collected
@@ -48,16 +49,6 @@ class Notifier:
     @property
     def state(self) -> ConsumerState:
         return self.app[CONSUMER_STATE]
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, timeout: float = WAIT_SECONDS) -> T:
-    """The first truthy result of ``check``, polled until ``timeout``."""
-    async with asyncio.timeout(timeout):
-        while True:
-            result = await check()
-            if result:
-                return result
-            await asyncio.sleep(0.05)
 
 
 async def _ready(client: TestClient[web.Request, web.Application]) -> bool:
