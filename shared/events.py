@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -15,6 +15,8 @@ CHECKIN_SUBMITTED = "checkin.submitted"
 REPLY_SENT = "reply.sent"
 RELATIONSHIP_CREATED = "relationship.created"
 DEVICE_KEYS_CHANGED = "device.keys_changed"
+AVAILABILITY_UPDATED = "availability.updated"
+AGREEMENT_UPDATED = "agreement.updated"
 
 
 class _Strict(BaseModel):
@@ -29,6 +31,11 @@ class MessageEventData(_Strict):
     sender_id: uuid.UUID
     sent_at: datetime
     urgent: bool = False
+    # Check-ins: computed by messaging when it accepted the check-in.
+    beyond_agreement: bool = False
+    reply_by: datetime | None = None
+    # Replies: the therapist asked to deliver now, even outside office hours.
+    deliver_now: bool = False
 
 
 class RelationshipEventData(_Strict):
@@ -42,6 +49,22 @@ class DeviceKeysEventData(_Strict):
     device_id: uuid.UUID
     key_id: str
     version: int
+
+
+class AvailabilityEventData(_Strict):
+    therapist_id: uuid.UUID
+    version: int
+    # WeeklySchedule.to_json(include_notes=False); None: no office hours set.
+    schedule: dict[str, Any] | None
+
+
+class AgreementEventData(_Strict):
+    relationship_id: uuid.UUID
+    therapist_id: uuid.UUID
+    client_id: uuid.UUID
+    version: int
+    # Agreement.to_json() without the crisis text, which the notifier never needs.
+    terms: dict[str, Any]
 
 
 class Event(_Strict):
@@ -72,8 +95,16 @@ def decode_event(body: bytes) -> Event:
         raise MalformedEvent(str(exc).splitlines()[0][:200]) from None
 
 
-def decode_message_data(event: Event) -> MessageEventData:
+_D = TypeVar("_D", bound=_Strict)
+
+
+def decode_data(event: Event, model: type[_D]) -> _D:
+    """The event's data as ``model``; raises :class:`MalformedEvent`."""
     try:
-        return MessageEventData.model_validate(event.data)
+        return model.model_validate(event.data)
     except ValidationError as exc:
         raise MalformedEvent(str(exc).splitlines()[0][:200]) from None
+
+
+def decode_message_data(event: Event) -> MessageEventData:
+    return decode_data(event, MessageEventData)
