@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from shared.boundaries import DEFAULT_CRISIS_RESOURCES, MAX_CRISIS_TEXT
+
 DEV_DATABASE_URL = "postgresql://root@127.0.0.1:5432/interlude"
 DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 # Known only so that production can refuse it.
@@ -38,6 +40,7 @@ class Settings:
     notifier_url: str
     log_format: str
     outbox_poll_seconds: float
+    crisis_resources: str
 
     @property
     def is_production(self) -> bool:
@@ -132,6 +135,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     if not 0.05 <= poll <= 300:
         raise SettingsError("INTERLUDE_OUTBOX_POLL_SECONDS must be between 0.05 and 300")
 
+    crisis = (env.get("INTERLUDE_CRISIS_RESOURCES") or DEFAULT_CRISIS_RESOURCES).strip()
+    if len(crisis) > MAX_CRISIS_TEXT:
+        raise SettingsError(
+            f"INTERLUDE_CRISIS_RESOURCES must be at most {MAX_CRISIS_TEXT} characters"
+        )
+
     return Settings(
         env=mode,
         database_url=database_url,
@@ -145,4 +154,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         notifier_url=notifier_url.rstrip("/"),
         log_format=log_format,
         outbox_poll_seconds=poll,
+        crisis_resources=crisis,
     )

@@ -8,10 +8,20 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from services.messaging.boundaries_routes import setup_boundary_routes
+from services.messaging.boundaries_store import BoundariesStore
 from services.messaging.relay import OutboxRelay
 from services.messaging.routes import setup_routes
 from services.messaging.store import MessagingStore
-from services.messaging.typedefs import POOL, PUBLISHER, RELAY, RELAY_TASK, SETTINGS, STORE
+from services.messaging.typedefs import (
+    BOUNDARIES,
+    POOL,
+    PUBLISHER,
+    RELAY,
+    RELAY_TASK,
+    SETTINGS,
+    STORE,
+)
 from shared.amqp import Publisher
 from shared.db import check_database, create_pool
 from shared.settings import Settings
@@ -24,6 +34,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[SETTINGS].database_url, max_size=10)
     app[POOL] = pool
     app[STORE] = MessagingStore(pool)
+    app[BOUNDARIES] = BoundariesStore(pool)
     yield
     await pool.close()
 
@@ -68,4 +79,5 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_relay)
     add_health_routes(app, _ready)
     setup_routes(app)
+    setup_boundary_routes(app)
     return app

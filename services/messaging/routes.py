@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 from services.messaging.checks import EnvelopeRejected, check_envelope, sent_at_of
 from services.messaging.store import (
@@ -22,8 +22,10 @@ from services.messaging.store import (
     NotFound,
     Relationship,
     StoredMessage,
+    Terms,
 )
-from services.messaging.typedefs import STORE
+from services.messaging.typedefs import BOUNDARIES, SETTINGS, STORE
+from shared.boundaries import expectation_for_checkin, period_start, reply_release_time
 from shared.envelope import (
     KIND_CHECKIN,
     EnvelopeError,
@@ -51,6 +53,8 @@ class PublishDevice(_Body):
 
 class PostMessage(_Body):
     envelope: Annotated[StrictStr, Field(min_length=1, max_length=220_000)]
+    # Replies only: deliver now even outside the therapist's office hours.
+    deliver_now: StrictBool = False
 
 
 class RedeemInvite(_Body):
@@ -73,7 +77,7 @@ def _store(request: web.Request) -> MessagingStore:
     return request.app[STORE]
 
 
-def _require_role(identity: Identity, role: str) -> None:
+def require_role(identity: Identity, role: str) -> None:
     if identity.role != role:
         raise ApiError(403, "forbidden", f"only a {role} can do this")
 
@@ -93,15 +97,18 @@ def device_json(device: Device) -> dict[str, Any]:
             "updated_at": device.updated_at.isoformat()}
 
 
-def message_json(msg: StoredMessage) -> dict[str, Any]:
-    return {"id": str(msg.id), "seq": msg.seq, "relationship_id": str(msg.relationship_id),
+def message_json(msg: StoredMessage, *, include_envelope: bool = True) -> dict[str, Any]:
+    data = {"id": str(msg.id), "seq": msg.seq, "relationship_id": str(msg.relationship_id),
             "kind": msg.kind, "sender_id": str(msg.sender_id),
             "sender_device_id": str(msg.sender_device_id), "urgent": msg.urgent,
             "sent_at": msg.sent_at.isoformat(), "created_at": msg.created_at.isoformat(),
-            "envelope": _enc(msg.envelope)}
+            "visible_at": msg.visible_at.isoformat()}
+    if include_envelope:
+        data["envelope"] = _enc(msg.envelope)
+    return data
 
 
-async def _member_relationship(request: web.Request) -> Relationship:
+async def member_relationship(request: web.Request) -> Relationship:
     identity = identity_of(request)
     rid = parse_uuid(request.match_info["relationship_id"], "relationship")
     try:
@@ -112,7 +119,7 @@ async def _member_relationship(request: web.Request) -> Relationship:
 
 async def create_invite(request: web.Request) -> web.Response:
     identity = identity_of(request)
-    _require_role(identity, "therapist")
+    require_role(identity, "therapist")
     invite = await _store(request).create_invite(identity.user_id, datetime.now(UTC))
     return web.json_response({"id": str(invite.id), "code": invite.code,
                               "expires_at": invite.expires_at.isoformat()}, status=201)
@@ -120,7 +127,7 @@ async def create_invite(request: web.Request) -> web.Response:
 
 async def redeem_invite(request: web.Request) -> web.Response:
     identity = identity_of(request)
-    _require_role(identity, "system")
+    require_role(identity, "system")
     body = await read_model(request, RedeemInvite)
     try:
         redemption = await _store(request).redeem_invite(body.code, datetime.now(UTC),
@@ -141,7 +148,7 @@ async def list_relationships(request: web.Request) -> web.Response:
 
 
 async def get_relationship(request: web.Request) -> web.Response:
-    return web.json_response(relationship_json(await _member_relationship(request)))
+    return web.json_response(relationship_json(await member_relationship(request)))
 
 
 async def publish_device(request: web.Request) -> web.Response:
@@ -170,13 +177,13 @@ async def publish_device(request: web.Request) -> web.Response:
 
 
 async def relationship_devices(request: web.Request) -> web.Response:
-    rel = await _member_relationship(request)
+    rel = await member_relationship(request)
     devices = await _store(request).devices_of([rel.therapist_id, rel.client_id])
     return web.json_response({"items": [device_json(d) for d in devices]})
 
 
 async def relationship_device_history(request: web.Request) -> web.Response:
-    rel = await _member_relationship(request)
+    rel = await member_relationship(request)
     store = _store(request)
     history = sorted([*await store.device_history(rel.therapist_id),
                       *await store.device_history(rel.client_id)],
@@ -198,7 +205,7 @@ async def post_message(request: web.Request) -> web.Response:
     identity = identity_of(request)
     if identity.role not in ("therapist", "client"):
         raise ApiError(403, "forbidden", "only people send messages")
-    rel = await _member_relationship(request)
+    rel = await member_relationship(request)
     if rel.status != "active":
         raise ApiError(409, "relationship_ended", "this relationship has ended")
     key = _idempotency_key(request)
@@ -221,23 +228,46 @@ async def post_message(request: web.Request) -> web.Response:
         sender_id=identity.user_id, sender_device_id=env.sender_device_id,
         urgent=env.urgent, sent_at=sent_at_of(env), envelope=raw,
     )
-    request_hash = hashlib.sha256(rel.id.bytes + raw).digest()
+    if body.deliver_now and message.kind != "reply":
+        raise ApiError(422, "invalid", "deliver_now applies to replies only",
+                       field="deliver_now")
+    boundaries = request.app[BOUNDARIES]
+    schedule = (await boundaries.availability(rel.therapist_id)).schedule
+    agreement, _ = await boundaries.agreement(rel.id)
+    now = datetime.now(UTC)
+    crisis_default = request.app[SETTINGS].crisis_resources
+
+    def decide(used: int) -> Terms:
+        if message.kind == "checkin":
+            told = expectation_for_checkin(schedule, agreement, now, used=used,
+                                           urgent=message.urgent,
+                                           practice_crisis_text=crisis_default)
+            return Terms(beyond_agreement=not told.within_agreement, reply_by=told.reply_by,
+                         told={"expectation": told.to_json()})
+        release = reply_release_time(schedule, now, deliver_now=body.deliver_now)
+        return Terms(deliver_now=body.deliver_now, visible_at=release,
+                     told={"release_at": release.isoformat(), "held": release > now})
+
+    request_hash = hashlib.sha256(rel.id.bytes + raw + bytes([body.deliver_now])).digest()
     try:
         stored, created = await store.store_message(
             message, idempotency_key=key, request_hash=request_hash,
-            correlation_id=identity.request_id)
+            correlation_id=identity.request_id, decide=decide,
+            period_start=period_start(agreement, schedule, now))
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
-    payload = message_json(stored)
-    del payload["envelope"]  # the caller has it; do not echo 100 KB back
+    payload = message_json(stored, include_envelope=False)  # the caller has it
+    payload.update(stored.terms or {})
     return web.json_response(payload, status=201 if created else 200)
 
 
 async def list_messages(request: web.Request) -> web.Response:
-    rel = await _member_relationship(request)
+    rel = await member_relationship(request)
     limit = query_int(request, "limit", 50, low=1, high=200)
     after = query_int(request, "cursor", 0, low=0, high=2**62)
-    messages = await _store(request).list_messages(rel.id, after_seq=after, limit=limit)
+    messages = await _store(request).list_messages(
+        rel.id, viewer_id=identity_of(request).user_id, after_seq=after, limit=limit,
+        now=datetime.now(UTC))
     next_cursor = str(messages[-1].seq) if len(messages) == limit else None
     return web.json_response({"items": [message_json(m) for m in messages],
                               "next_cursor": next_cursor})

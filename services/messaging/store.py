@@ -10,17 +10,22 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 
 from shared import codes
+from shared.boundaries import Agreement
 from shared.events import (
+    AGREEMENT_UPDATED,
     CHECKIN_SUBMITTED,
     DEVICE_KEYS_CHANGED,
     RELATIONSHIP_CREATED,
     REPLY_SENT,
+    AgreementEventData,
     DeviceKeysEventData,
     MessageEventData,
     RelationshipEventData,
@@ -104,6 +109,24 @@ class StoredMessage:
     sent_at: datetime
     envelope: bytes
     created_at: datetime
+    visible_at: datetime
+    terms: dict[str, Any] | None  # what the sender was told when it was accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Terms:
+    """What the server decided about a message as it accepted it."""
+
+    beyond_agreement: bool = False
+    reply_by: datetime | None = None
+    deliver_now: bool = False
+    visible_at: datetime | None = None          # None: visible at once
+    told: dict[str, Any] | None = None          # the answer's expectation / release
+
+
+# Given how many check-ins the client has sent this period (this one included),
+# decide the message's terms. Called inside the storing transaction.
+Decide = Callable[[int], Terms]
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +145,7 @@ def hash_code(code: str) -> bytes:
     return codes.hash_code(code, "invite")
 
 
-async def _add_event(conn: asyncpg.Connection, routing_key: str, data: object,
+async def add_event(conn: asyncpg.Connection, routing_key: str, data: object,
                      correlation_id: str) -> None:
     event = new_event(routing_key, data, correlation_id)  # type: ignore[arg-type]
     await conn.execute(
@@ -130,6 +153,23 @@ async def _add_event(conn: asyncpg.Connection, routing_key: str, data: object,
         event.event_id, routing_key, json.loads(event.model_dump_json()),
     )
     await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
+
+
+async def save_agreement(conn: asyncpg.Connection, relationship: Relationship,
+                         agreement: Agreement, correlation_id: str) -> int:
+    """Store a relationship's agreement (in the caller's transaction) and announce it."""
+    terms = agreement.to_json()
+    version = await conn.fetchval(
+        "INSERT INTO messaging.agreements (relationship_id, terms, version) VALUES ($1, $2, 1)"
+        " ON CONFLICT (relationship_id) DO UPDATE SET terms = EXCLUDED.terms,"
+        " version = messaging.agreements.version + 1, updated_at = now() RETURNING version",
+        relationship.id, json.loads(json.dumps(terms)))
+    public_terms = {k: v for k, v in terms.items() if k != "crisis_resources"}
+    await add_event(conn, AGREEMENT_UPDATED, AgreementEventData(
+        relationship_id=relationship.id, therapist_id=relationship.therapist_id,
+        client_id=relationship.client_id, version=version, terms=public_terms,
+    ), correlation_id)
+    return int(version)
 
 
 def _relationship(row: asyncpg.Record) -> Relationship:
@@ -146,7 +186,8 @@ def _device(row: asyncpg.Record) -> Device:
 def _message(row: asyncpg.Record) -> StoredMessage:
     return StoredMessage(row["id"], row["seq"], row["relationship_id"], row["kind"],
                          row["sender_id"], row["sender_device_id"], row["urgent"],
-                         row["sent_at"], bytes(row["envelope"]), row["created_at"])
+                         row["sent_at"], bytes(row["envelope"]), row["created_at"],
+                         row["visible_at"], row["terms"])
 
 
 class MessagingStore:
@@ -190,9 +231,12 @@ class MessagingStore:
                 " WHERE id = $1",
                 row["id"], now, relationship_id,
             )
-            await _add_event(conn, RELATIONSHIP_CREATED, RelationshipEventData(
+            await add_event(conn, RELATIONSHIP_CREATED, RelationshipEventData(
                 relationship_id=relationship_id, therapist_id=row["therapist_id"],
                 client_id=row["client_id"]), correlation_id)
+            await save_agreement(conn, Relationship(
+                relationship_id, row["therapist_id"], row["client_id"], "active", now),
+                Agreement(), correlation_id)
             return Redemption(relationship_id, row["therapist_id"], row["client_id"])
 
     async def relationships_of(self, user_id: uuid.UUID) -> list[Relationship]:
@@ -258,7 +302,7 @@ class MessagingStore:
                 user_id, device_id, version, suite, hpke_public_key, signing_public_key,
                 signature, key_id,
             )
-            await _add_event(conn, DEVICE_KEYS_CHANGED, DeviceKeysEventData(
+            await add_event(conn, DEVICE_KEYS_CHANGED, DeviceKeysEventData(
                 user_id=user_id, device_id=device_id, key_id=key_id.hex(), version=version,
             ), correlation_id)
             return _device(row), True
@@ -291,11 +335,15 @@ class MessagingStore:
     # -- messages --------------------------------------------------------------------
 
     async def store_message(self, message: NewMessage, *, idempotency_key: str | None,
-                            request_hash: bytes, correlation_id: str) -> tuple[StoredMessage, bool]:
+                            request_hash: bytes, correlation_id: str, decide: Decide,
+                            period_start: datetime | None) -> tuple[StoredMessage, bool]:
         """Store a message and its event atomically; returns (message, created).
 
-        A retry of the same envelope (same id and bytes) returns the stored
-        message with ``created`` False; another envelope reusing the id conflicts.
+        For a check-in, ``period_start`` is where the agreed period began: the
+        check-ins since then (this one included) are counted under a lock on the
+        relationship and handed to ``decide``. A retry of the same envelope (same
+        id and bytes) returns the stored message with ``created`` False; another
+        envelope reusing the id conflicts.
         """
         digest = hashlib.sha256(message.envelope).digest()
         async with self.pool.acquire() as conn, conn.transaction():
@@ -313,47 +361,65 @@ class MessagingStore:
                     if bytes(existing_key["request_hash"]) != request_hash:
                         raise Conflict("Idempotency-Key was already used with a different request")
                     return _message(existing_key), False
+            existing = await conn.fetchrow("SELECT * FROM messaging.messages WHERE id = $1",
+                                           message.id)
+            if existing is not None:
+                if bytes(existing["envelope_sha256"]) != digest \
+                        or existing["sender_id"] != message.sender_id:
+                    raise Conflict("a different message with this id already exists")
+                return _message(existing), False
+            rel = message.relationship
+            used = 0
+            if message.kind == "checkin" and period_start is not None:
+                # Count under a lock so two check-ins at once are numbered 1 and 2.
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(rel.id))
+                used = 1 + await conn.fetchval(
+                    "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
+                    " AND kind = 'checkin' AND created_at >= $2", rel.id, period_start)
+            terms = decide(used)
             row = await conn.fetchrow(
                 "INSERT INTO messaging.messages (id, relationship_id, kind, sender_id,"
-                " sender_device_id, urgent, sent_at, envelope, envelope_sha256)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " sender_device_id, urgent, sent_at, envelope, envelope_sha256,"
+                " beyond_agreement, reply_by, deliver_now, visible_at, terms)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
+                " coalesce($13, now()), $14)"
                 " ON CONFLICT (id) DO NOTHING RETURNING *",
-                message.id, message.relationship.id, message.kind, message.sender_id,
+                message.id, rel.id, message.kind, message.sender_id,
                 message.sender_device_id, message.urgent, message.sent_at, message.envelope,
-                digest,
+                digest, terms.beyond_agreement, terms.reply_by, terms.deliver_now,
+                terms.visible_at, terms.told,
             )
-            created = row is not None
-            if row is None:
-                row = await conn.fetchrow("SELECT * FROM messaging.messages WHERE id = $1",
-                                          message.id)
-                if row is None or bytes(row["envelope_sha256"]) != digest \
-                        or row["sender_id"] != message.sender_id:
-                    raise Conflict("a different message with this id already exists")
-            else:
-                rel = message.relationship
-                await _add_event(
-                    conn, CHECKIN_SUBMITTED if message.kind == "checkin" else REPLY_SENT,
-                    MessageEventData(
-                        message_id=message.id, relationship_id=rel.id,
-                        therapist_id=rel.therapist_id, client_id=rel.client_id,
-                        sender_id=message.sender_id, sent_at=message.sent_at,
-                        urgent=message.urgent,
-                    ),
-                    correlation_id,
-                )
+            if row is None:  # the same id arrived at the same moment: let the client retry
+                raise Conflict("this message is being stored by another request; retry")
+            await add_event(
+                conn, CHECKIN_SUBMITTED if message.kind == "checkin" else REPLY_SENT,
+                MessageEventData(
+                    message_id=message.id, relationship_id=rel.id,
+                    therapist_id=rel.therapist_id, client_id=rel.client_id,
+                    sender_id=message.sender_id, sent_at=message.sent_at,
+                    urgent=message.urgent, beyond_agreement=terms.beyond_agreement,
+                    reply_by=terms.reply_by, deliver_now=terms.deliver_now,
+                ),
+                correlation_id,
+            )
             if idempotency_key is not None:
                 await conn.execute(
                     "INSERT INTO messaging.idempotency_keys (user_id, key, request_hash,"
                     " message_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
                     message.sender_id, idempotency_key, request_hash, message.id,
                 )
-            return _message(row), created
+            return _message(row), True
 
-    async def list_messages(self, relationship_id: uuid.UUID, *, after_seq: int,
-                            limit: int) -> list[StoredMessage]:
+    async def list_messages(self, relationship_id: uuid.UUID, *, viewer_id: uuid.UUID,
+                            after_seq: int, limit: int, now: datetime) -> list[StoredMessage]:
+        """Messages in order, up to (not including) the first one still held from the
+        viewer, so that a cursor never skips a reply released later."""
         rows = await self.pool.fetch(
             "SELECT * FROM messaging.messages WHERE relationship_id = $1 AND seq > $2"
+            " AND seq < coalesce((SELECT min(seq) FROM messaging.messages"
+            "   WHERE relationship_id = $1 AND kind = 'reply' AND sender_id <> $4"
+            "   AND visible_at > $5), 9223372036854775807)"
             " ORDER BY seq LIMIT $3",
-            relationship_id, after_seq, limit,
+            relationship_id, after_seq, limit, viewer_id, now,
         )
         return [_message(r) for r in rows]
