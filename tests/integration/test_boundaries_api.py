@@ -153,7 +153,7 @@ async def test_absences_can_be_added_listed_and_removed(stack: Stack) -> None:
     assert datetime.fromisoformat(told["alert_at"]).date() >= today + timedelta(days=1)
     status, listed = await stack.call("GET", "/v1/availability/absences", therapist)
     assert [a["id"] for a in listed["items"]] == [absence["id"]]
-    status, data = await stack.call("POST", "/v1/availability/absences", therapist, json={
+    status, _data = await stack.call("POST", "/v1/availability/absences", therapist, json={
         "first_day": "2027-01-02", "last_day": "2026-12-24"})
     assert status == 422
     assert (await stack.call("DELETE", f"/v1/availability/absences/{absence['id']}",
