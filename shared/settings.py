@@ -41,6 +41,7 @@ class Settings:
     log_format: str
     outbox_poll_seconds: float
     crisis_resources: str
+    trusted_proxy_hops: int
 
     @property
     def is_production(self) -> bool:
@@ -141,6 +142,12 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
             f"INTERLUDE_CRISIS_RESOURCES must be at most {MAX_CRISIS_TEXT} characters"
         )
 
+    raw_hops = env.get("INTERLUDE_TRUSTED_PROXY_HOPS", "0") or "0"
+    if not raw_hops.isdigit() or int(raw_hops) > 5:
+        raise SettingsError(
+            f"INTERLUDE_TRUSTED_PROXY_HOPS must be a whole number from 0 to 5, got {raw_hops!r}"
+        )
+
     return Settings(
         env=mode,
         database_url=database_url,
@@ -155,4 +162,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         outbox_poll_seconds=poll,
         crisis_resources=crisis,
+        trusted_proxy_hops=int(raw_hops),
     )

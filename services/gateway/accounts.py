@@ -28,7 +28,7 @@ from services.gateway.store import (
     TokenReused,
     Tokens,
 )
-from services.gateway.typedefs import CALLER, LIMITER, MESSAGING, STORE
+from services.gateway.typedefs import CALLER, LIMITER, MESSAGING, SETTINGS, STORE
 from shared.internal_auth import SYSTEM_USER, Identity
 from shared.web import REQUEST_ID, ApiError, read_model
 
@@ -97,6 +97,16 @@ def _session_json(account: Account, tokens: Tokens, **extra: Any) -> dict[str, A
 
 
 def _peer(request: web.Request) -> str:
+    """The client's address: the connecting one, or, behind N trusted proxies, the
+    address the outermost of them saw (the Nth entry of X-Forwarded-For from the
+    right). Entries further left are written by the client and never trusted."""
+    hops = request.app[SETTINGS].trusted_proxy_hops
+    if hops:
+        forwarded = [part.strip() for part in
+                     ",".join(request.headers.getall("X-Forwarded-For", [])).split(",")
+                     if part.strip()]
+        if len(forwarded) >= hops:
+            return forwarded[-hops]
     return request.remote or "unknown"
 
 

@@ -206,3 +206,24 @@ async def test_gateway_answers_503_when_an_internal_service_is_down(
         response = await client.get("/readyz")
         assert response.status == 503
         assert set((await response.json())["problems"]) == {"messaging", "notifier"}
+
+
+async def test_behind_a_trusted_proxy_the_limit_is_per_client_address(
+        test_env: TestEnv) -> None:
+    settings = test_env.settings(INTERLUDE_TRUSTED_PROXY_HOPS="1",
+                                 INTERLUDE_MESSAGING_URL="http://127.0.0.1:9",
+                                 INTERLUDE_NOTIFIER_URL="http://127.0.0.1:9")
+    async with TestClient(TestServer(create_app(settings))) as client:
+        async def login(address: str, spoofed: str = "") -> int:
+            chain = f"{spoofed}, {address}" if spoofed else address
+            response = await client.post(
+                "/v1/auth/login", headers={"X-Forwarded-For": chain},
+                json={"email": unique_email("x"), "password": "wrong password!"})
+            return response.status
+
+        assert [await login("203.0.113.7") for _ in range(10)] == [401] * 10
+        assert await login("203.0.113.7") == 429
+        # Another client behind the same proxy is not locked out, and a client
+        # cannot escape its limit by writing its own X-Forwarded-For entries.
+        assert await login("198.51.100.2") == 401
+        assert await login("203.0.113.7", spoofed="192.0.2.99") == 429
