@@ -26,12 +26,15 @@ from shared.schedule import (
 WEEKDAYS = "Mon-Thu 09:00-12:00,14:00-17:00; Fri 09:00-13:00"
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(year: int, month: int, day: int, hour: int = 0, minute: int = 0) -> datetime:
+    return datetime(year, month, day, hour, minute, tzinfo=UTC)
 
 
-def local(tz: str, *args: int, fold: int = 0) -> datetime:
-    return datetime(*args, tzinfo=ZoneInfo(tz), fold=fold).astimezone(UTC)  # type: ignore[misc]
+def local(
+    tz: str, year: int, month: int, day: int, hour: int = 0, minute: int = 0, *, fold: int = 0
+) -> datetime:
+    """The UTC instant of a local wall time (``fold=1`` for the second of a repeated hour)."""
+    return datetime(year, month, day, hour, minute, tzinfo=ZoneInfo(tz), fold=fold).astimezone(UTC)
 
 
 def only_window(schedule: WeeklySchedule, day: date) -> tuple[datetime, datetime]:
@@ -65,7 +68,7 @@ def test_parse_the_cli_syntax() -> None:
     ("Mon 14:00-17:00; Mon 09:00-12:00", "Mon 09:00-12:00,14:00-17:00"),
     ("Mon-Sun 00:00-24:00", "Mon-Sun 00:00-24:00"),
     ("Sat 22:00-02:00", "Sat 22:00-02:00"),
-    ("Fri-Mon 10:00-11:00", "Mon 10:00-11:00; Fri-Sun 10:00-11:00"),
+    ("Fri-Mon 10:00-11:00", "Mon,Fri-Sun 10:00-11:00"),
     ("Sat,Sun 10:00-11:00;", "Sat,Sun 10:00-11:00"),
     (" Tue , Thu  08:00 - 09:30 , 18:00-24:00 ", "Tue,Thu 08:00-09:30,18:00-24:00"),
     ("Mon-Wed 09:00-10:00; Fri 09:00-10:00", "Mon-Wed,Fri 09:00-10:00"),
@@ -121,8 +124,7 @@ def test_schedule_error_is_a_value_error() -> None:
 
 
 def test_touching_windows_are_allowed_and_merged_in_office_time() -> None:
-    schedule = WeeklySchedule.parse("Mon 09:00-12:00,12:00-13:00; Sun 22:00-24:00", "UTC")
-    # 2026-01-04 is a Sunday: Sun 22-24 touches Mon 00:00? No: Mon starts at 09:00.
+    schedule = WeeklySchedule.parse("Mon 09:00-12:00,12:00-13:00", "UTC")
     assert office_windows_between(schedule, utc(2026, 1, 5), utc(2026, 1, 6)) == [
         (utc(2026, 1, 5, 9), utc(2026, 1, 5, 13))
     ]
@@ -150,19 +152,21 @@ def test_direct_construction_is_validated() -> None:
 
 def test_json_round_trip_through_text() -> None:
     schedule = WeeklySchedule.parse(
-        WEEKDAYS + "; Sat 22:00-02:00; Sun 00:00-24:00",
+        WEEKDAYS + "; Sat 22:00-02:00; Sun 12:00-24:00",
         "Australia/Lord_Howe",
         [Absence("a1", date(2026, 12, 24), date(2027, 1, 2), "Holidays"),
          Absence(None, date(2026, 6, 1), date(2026, 6, 1), None)],
     )
     data = json.loads(json.dumps(schedule.to_json()))
     assert data["tz"] == "Australia/Lord_Howe"
-    assert {"day": "Sun", "start": "00:00", "end": "24:00"} in data["windows"]
+    assert {"day": "Sun", "start": "12:00", "end": "24:00"} in data["windows"]
     assert data["absences"][1] == {
         "id": "a1", "first_day": "2026-12-24", "last_day": "2027-01-02", "note": "Holidays",
     }
     assert WeeklySchedule.from_json(data) == schedule
-    assert all(a["note"] is None for a in schedule.to_json(include_notes=False)["absences"])  # type: ignore[attr-defined]
+    stripped = schedule.to_json(include_notes=False)["absences"]
+    assert isinstance(stripped, list)
+    assert [a["note"] for a in stripped] == [None, None]
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -241,6 +245,10 @@ def test_window_spanning_midnight() -> None:
     saturday_off = WeeklySchedule.parse("Sat 22:00-02:00", "Europe/Berlin",
                                         [Absence(None, saturday, saturday)])
     assert next_alert_time(saturday_off, utc(2026, 1, 17)) == local("Europe/Berlin", 2026, 1, 18)
+    # The same when a longer absence ends that Saturday.
+    week_off = WeeklySchedule.parse("Sat 22:00-02:00", "Europe/Berlin",
+                                    [Absence(None, date(2026, 1, 12), saturday)])
+    assert next_alert_time(week_off, utc(2026, 1, 11, 12)) == local("Europe/Berlin", 2026, 1, 18)
 
 
 def test_absence_across_the_year_boundary() -> None:
@@ -295,7 +303,8 @@ def test_reply_by_counts_exact_office_hours_across_weekend_and_absence() -> None
     assert total(office_windows_between(schedule, friday_1530, due)) == timedelta(hours=4)
     odd = timedelta(hours=9, microseconds=7)
     due = add_office_time(schedule, friday_1530, odd)
-    assert due == local(tz, 2026, 1, 21, 9, 30) + timedelta(microseconds=7)
+    assert due == local(tz, 2026, 1, 20, 16, 30) + timedelta(microseconds=7)
+    assert total(office_windows_between(schedule, friday_1530, due)) == odd
     assert add_office_time(schedule, friday_1530, timedelta(0)) == friday_1530
     with pytest.raises(ValueError, match="must not be negative"):
         add_office_time(schedule, friday_1530, timedelta(seconds=-1))
