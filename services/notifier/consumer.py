@@ -1,27 +1,39 @@
-"""The event consumer: decode, plan notifications, decide when to alert, record.
+"""The event consumer: decode, plan, record, each event in one transaction.
 
 Each message is handled in one database transaction that records its event id in
-the inbox and creates its notifications; the message is acked (by
-:func:`shared.amqp.consume_forever`) only after that commit, so a redelivery is
-recognised in the inbox and has no second effect.
+the inbox and applies its effects (notifications, held alerts, reminders, the
+read model); the message is acked (by :func:`shared.amqp.consume_forever`) only
+after that commit, so a redelivery is recognised in the inbox and has no second
+effect. "Now" comes from the injected clock, never from the rules.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
-from typing import assert_never
 
 import aio_pika.abc
 import structlog
 
-from services.notifier import checkin_submitted, reply_sent
-from services.notifier.store import NewNotification, NotifierStore, StoreUnavailable
+from services.notifier import (
+    agreement_updated,
+    availability_updated,
+    checkin_submitted,
+    reply_sent,
+)
+from services.notifier.store import EventTransaction, NotifierStore, StoreUnavailable
 from shared.amqp import ConsumerState, PoisonMessage, consume_forever
-from shared.events import CHECKIN_SUBMITTED, REPLY_SENT, Event, MalformedEvent, decode_event
+from shared.events import (
+    AGREEMENT_UPDATED,
+    AVAILABILITY_UPDATED,
+    CHECKIN_SUBMITTED,
+    REPLY_SENT,
+    Event,
+    MalformedEvent,
+    decode_event,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -32,28 +44,28 @@ BINDINGS = ("#",)  # every event: none is unroutable, and later rules need them
 STOP_GRACE_SECONDS = 15.0
 _MAX_DB_BACKOFF = 5.0
 
-Planner = Callable[[Event], list[NewNotification]]
+Clock = Callable[[], datetime]
+# Applies one event inside its transaction; returns a few words for the log.
+Handler = Callable[[EventTransaction, Event, datetime], Awaitable[str]]
 
 # One module per event kind consumed; types not listed are recorded and ignored.
-PLANNERS: Mapping[str, Planner] = {
-    CHECKIN_SUBMITTED: checkin_submitted.plan,
-    REPLY_SENT: reply_sent.plan,
+HANDLERS: Mapping[str, Handler] = {
+    CHECKIN_SUBMITTED: checkin_submitted.handle,
+    REPLY_SENT: reply_sent.handle,
+    AVAILABILITY_UPDATED: availability_updated.handle,
+    AGREEMENT_UPDATED: agreement_updated.handle,
 }
 
 
-class AlertTiming(enum.Enum):
-    """When a recipient is alerted. Office hours will add holding for a digest."""
+def utc_clock() -> datetime:
+    """The real clock, in UTC."""
+    return datetime.now(UTC)
 
-    NOW = "now"
 
-
-def decide_alert(notification: NewNotification, *, now: datetime) -> AlertTiming:
-    """When to alert the recipient of ``notification``.
-
-    Every alert is immediate for now; this is the step that office hours and
-    agreements will replace.
-    """
-    return AlertTiming.NOW
+def read_clock(clock: Clock) -> datetime:
+    """``clock()`` as an aware UTC instant (a naive reading is taken as UTC)."""
+    now = clock()
+    return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
 
 
 def normalise_event(event: Event, *, now: datetime) -> Event:
@@ -72,9 +84,11 @@ def normalise_event(event: Event, *, now: datetime) -> Event:
 class EventConsumer:
     """Handles one message at a time, so that a stop can wait for the one in hand."""
 
-    def __init__(self, store: NotifierStore, state: ConsumerState) -> None:
+    def __init__(self, store: NotifierStore, state: ConsumerState, *,
+                 clock: Clock = utc_clock) -> None:
         self._store = store
         self._state = state
+        self._clock = clock
         self._busy = asyncio.Lock()
         self._in_hand: aio_pika.abc.AbstractIncomingMessage | None = None
 
@@ -111,43 +125,39 @@ class EventConsumer:
             with structlog.contextvars.bound_contextvars(
                 event_id=str(event.event_id), event_type=event.type,
             ):
-                await self._handle_event(event)
+                await self.handle_event(event)
 
-    async def _handle_event(self, event: Event) -> None:
-        now = datetime.now(UTC)
+    async def handle_event(self, event: Event) -> None:
+        """Apply one decoded event exactly once (a repeat is recognised and ignored)."""
+        now = read_clock(self._clock)
         event = normalise_event(event, now=now)
-        planner = PLANNERS.get(event.type)
-        if planner is None:
-            await self._record(event, [])
-            log.info("event ignored: the notifier has nothing to do for this type")
-            return
+        handler = HANDLERS.get(event.type)
+        outcome = "ignored: the notifier has nothing to do for this type"
+
+        async def work(tx: EventTransaction) -> None:
+            nonlocal outcome
+            if handler is not None:
+                outcome = await handler(tx, event, now)
+
         try:
-            planned = planner(event)
+            recorded = await self._record(event, work)
         except MalformedEvent as exc:
             log.warning("event data is malformed; dead-lettering it", reason=str(exc))
             raise PoisonMessage(f"malformed {event.type} data: {exc}") from None
-
-        alert_now: list[NewNotification] = []
-        for notification in planned:
-            timing = decide_alert(notification, now=now)
-            if timing is AlertTiming.NOW:
-                alert_now.append(notification)
-            else:
-                assert_never(timing)
-
-        if await self._record(event, alert_now):
-            log.info("notifications created", count=len(alert_now))
+        if recorded:
+            log.info("event handled", outcome=outcome)
         else:
             log.info("duplicate event ignored")
 
-    async def _record(self, event: Event, notifications: list[NewNotification]) -> bool:
+    async def _record(self, event: Event,
+                      work: Callable[[EventTransaction], Awaitable[None]]) -> bool:
         # A database outage must not use up the message's delivery limit (it would
         # be dead-lettered though nothing is wrong with it): hold it and retry here
         # until the database is back or the consumer is stopped.
         backoff = 0.2
         while True:
             try:
-                return await self._store.record_event(event.event_id, event.type, notifications)
+                return await self._store.handle_event(event.event_id, event.type, work)
             except StoreUnavailable as exc:
                 log.warning("database unavailable; retrying the event", error=str(exc),
                             retry_in=round(backoff, 2))

@@ -52,16 +52,23 @@ def decode_cursor(cursor: str) -> FeedPosition:
     return position
 
 
+def _id_or_none(value: uuid.UUID | None) -> str | None:
+    return None if value is None else str(value)
+
+
 def notification_json(notification: Notification) -> dict[str, Any]:
+    """A feed item. A digest has no single relationship, message or actor (null);
+    ``details`` holds counts and times only (null for the message kinds)."""
     read_at = notification.read_at
     return {
         "id": str(notification.id),
         "kind": notification.kind,
-        "relationship_id": str(notification.relationship_id),
-        "message_id": str(notification.message_id),
-        "actor_id": str(notification.actor_id),
+        "relationship_id": _id_or_none(notification.relationship_id),
+        "message_id": _id_or_none(notification.message_id),
+        "actor_id": _id_or_none(notification.actor_id),
         "created_at": notification.created_at.isoformat(),
         "read_at": read_at.isoformat() if read_at is not None else None,
+        "details": notification.details,
     }
 
 

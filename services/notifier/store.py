@@ -1,23 +1,40 @@
-"""All SQL of the notifier: the inbox (dedupe) and the notification feed.
+"""The notifier's SQL for the consumer and the feed: the inbox (dedupe), the
+read model of availability and agreements, held alerts, reminders, the feed.
 
-Results are frozen dataclasses; failures are domain errors, never HTTP.
+Results are frozen dataclasses; failures are domain errors, never HTTP. The
+scheduler's queries live in :mod:`services.notifier.scheduler_store`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from shared.boundaries import Agreement
+from shared.schedule import WeeklySchedule
+
 CHECKIN_RECEIVED = "checkin.received"
 REPLY_RECEIVED = "reply.received"
+DIGEST = "digest"
+REMINDER_REPLY_DUE = "reminder.reply_due"
 
-_COLUMNS = "id, user_id, kind, relationship_id, message_id, actor_id, event_id, created_at, read_at"
+HELD_CHECKIN = "checkin"
+HELD_REPLY = "reply"
+
+# Advisory locks on a recipient take (namespace, key); the namespace keeps them
+# apart from any other two-key advisory lock on the database.
+RECIPIENT_LOCK_NAMESPACE = 0x1D7E_0002
+
+_COLUMNS = ("id, user_id, kind, relationship_id, message_id, actor_id, event_id, created_at,"
+            " read_at, details")
+_HELD_COLUMNS = ("id, recipient_id, kind, relationship_id, message_id, actor_id, event_id,"
+                 " urgent, beyond, created_at, released_at, release_at")
 
 # Failures that say the database is (for now) out of reach, not that the work is wrong.
 _UNAVAILABLE: tuple[type[BaseException], ...] = (
@@ -39,15 +56,18 @@ class NotificationNotFound(LookupError):
 
 @dataclass(frozen=True, slots=True)
 class NewNotification:
-    """A notification to create; ``created_at`` is when its event happened."""
+    """A notification to create. ``created_at`` is when its event happened (or, for
+    an alert that was held, when it was delivered). ``details`` holds counts and
+    times only, never content or names."""
 
     user_id: uuid.UUID
     kind: str
-    relationship_id: uuid.UUID
-    message_id: uuid.UUID
-    actor_id: uuid.UUID
-    event_id: uuid.UUID
+    relationship_id: uuid.UUID | None
+    message_id: uuid.UUID | None
+    actor_id: uuid.UUID | None
+    event_id: uuid.UUID | None
     created_at: datetime
+    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,16 +75,82 @@ class Notification:
     id: uuid.UUID
     user_id: uuid.UUID
     kind: str
+    relationship_id: uuid.UUID | None
+    message_id: uuid.UUID | None
+    actor_id: uuid.UUID | None
+    event_id: uuid.UUID | None
+    created_at: datetime
+    read_at: datetime | None
+    details: dict[str, Any] | None
+
+    @classmethod
+    def from_record(cls, record: Any) -> Notification:
+        return cls(**dict(record.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class NewHeldAlert:
+    """An alert to give later: ``release_at`` None waits for the therapist's hours to change."""
+
+    recipient_id: uuid.UUID
+    kind: str                      # HELD_CHECKIN or HELD_REPLY
     relationship_id: uuid.UUID
     message_id: uuid.UUID
     actor_id: uuid.UUID
     event_id: uuid.UUID
     created_at: datetime
-    read_at: datetime | None
+    release_at: datetime | None
+    urgent: bool = False
+    beyond: bool = False
+    released_at: datetime | None = None  # replies: when the reply reaches the client
+
+
+@dataclass(frozen=True, slots=True)
+class HeldAlert:
+    id: uuid.UUID
+    recipient_id: uuid.UUID
+    kind: str
+    relationship_id: uuid.UUID
+    message_id: uuid.UUID
+    actor_id: uuid.UUID
+    event_id: uuid.UUID
+    urgent: bool
+    beyond: bool
+    created_at: datetime
+    released_at: datetime | None
+    release_at: datetime | None
 
     @classmethod
-    def from_record(cls, record: Any) -> Notification:
+    def from_record(cls, record: Any) -> HeldAlert:
         return cls(**dict(record.items()))
+
+
+@dataclass(frozen=True, slots=True)
+class NewReminder:
+    message_id: uuid.UUID
+    therapist_id: uuid.UUID
+    relationship_id: uuid.UUID
+    client_id: uuid.UUID
+    received_at: datetime
+    reply_by: datetime
+    remind_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class PendingReminder:
+    """A reminder neither sent nor cancelled."""
+
+    message_id: uuid.UUID
+    therapist_id: uuid.UUID
+    relationship_id: uuid.UUID
+    client_id: uuid.UUID
+    received_at: datetime
+    reply_by: datetime
+    remind_at: datetime | None
+
+    @classmethod
+    def from_record(cls, record: Any) -> PendingReminder:
+        return cls(**{k: record[k] for k in cls.__slots__})
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,18 +168,220 @@ class FeedPage:
 
 
 @contextlib.asynccontextmanager
-async def _reachable() -> AsyncIterator[None]:
+async def reachable() -> AsyncIterator[None]:
+    """Turn "the database is out of reach" failures into :class:`StoreUnavailable`."""
     try:
         yield
     except _UNAVAILABLE as exc:
         raise StoreUnavailable(exc.__class__.__name__) from exc
 
 
+def recipient_lock_key(recipient_id: uuid.UUID) -> int:
+    """The advisory-lock key of a recipient (a signed 32-bit int; collisions only serialise)."""
+    return int.from_bytes(recipient_id.bytes[-4:], "big", signed=True)
+
+
+def schedule_from_row(value: Any) -> WeeklySchedule | None:
+    return None if value is None else WeeklySchedule.from_json(value)
+
+
+async def insert_notifications(conn: asyncpg.Connection,
+                               notifications: Sequence[NewNotification]) -> list[uuid.UUID]:
+    """Insert ``notifications``; returns their ids (an existing one for a repeat of an
+    event and recipient, which the unique key refuses to create twice)."""
+    ids: list[uuid.UUID] = []
+    for n in notifications:
+        new_id = await conn.fetchval(
+            "/* insert_notifications */ INSERT INTO notifier.notifications"
+            " (id, user_id, kind, relationship_id, message_id, actor_id, event_id,"
+            "  created_at, details)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+            " ON CONFLICT (event_id, user_id) DO NOTHING RETURNING id",
+            uuid.uuid4(), n.user_id, n.kind, n.relationship_id, n.message_id,
+            n.actor_id, n.event_id, n.created_at, n.details,
+        )
+        if new_id is None:
+            new_id = await conn.fetchval(
+                "/* insert_notifications */ SELECT id FROM notifier.notifications"
+                " WHERE event_id = $1 AND user_id = $2", n.event_id, n.user_id)
+        ids.append(new_id)
+    return ids
+
+
+class EventTransaction:
+    """The queries an event handler may run, all inside its event's one transaction."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self._conn = conn
+
+    # --- the read model ---------------------------------------------------------------
+
+    async def schedule_of(self, therapist_id: uuid.UUID) -> WeeklySchedule | None:
+        """The therapist's office hours; None until known, or when they set none."""
+        value = await self._conn.fetchval(
+            "/* schedule_of */ SELECT schedule FROM notifier.availability"
+            " WHERE therapist_id = $1", therapist_id)
+        return schedule_from_row(value)
+
+    async def agreement_of(self, relationship_id: uuid.UUID) -> Agreement:
+        """The relationship's agreement; the defaults until one is known."""
+        terms = await self._conn.fetchval(
+            "/* agreement_of */ SELECT terms FROM notifier.agreements"
+            " WHERE relationship_id = $1", relationship_id)
+        return Agreement() if terms is None else Agreement.from_json(terms)
+
+    async def save_availability(self, therapist_id: uuid.UUID, version: int,
+                                schedule: dict[str, Any] | None) -> bool:
+        """Store the therapist's availability if ``version`` is newer; True if it was."""
+        applied = await self._conn.fetchval(
+            "/* save_availability */ INSERT INTO notifier.availability AS a"
+            " (therapist_id, version, schedule) VALUES ($1, $2, $3)"
+            " ON CONFLICT (therapist_id) DO UPDATE"
+            " SET version = EXCLUDED.version, schedule = EXCLUDED.schedule, updated_at = now()"
+            " WHERE a.version < EXCLUDED.version RETURNING true",
+            therapist_id, version, schedule)
+        return bool(applied)
+
+    async def save_agreement(self, relationship_id: uuid.UUID, therapist_id: uuid.UUID,
+                             client_id: uuid.UUID, version: int, terms: dict[str, Any]) -> bool:
+        """Store the relationship's agreement if ``version`` is newer; True if it was."""
+        applied = await self._conn.fetchval(
+            "/* save_agreement */ INSERT INTO notifier.agreements AS a"
+            " (relationship_id, therapist_id, client_id, version, terms)"
+            " VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (relationship_id) DO UPDATE"
+            " SET therapist_id = EXCLUDED.therapist_id, client_id = EXCLUDED.client_id,"
+            "     version = EXCLUDED.version, terms = EXCLUDED.terms, updated_at = now()"
+            " WHERE a.version < EXCLUDED.version RETURNING true",
+            relationship_id, therapist_id, client_id, version, terms)
+        return bool(applied)
+
+    # --- alerts -----------------------------------------------------------------------
+
+    async def notify(self, notifications: Sequence[NewNotification]) -> None:
+        await insert_notifications(self._conn, notifications)
+
+    async def hold(self, alerts: Sequence[NewHeldAlert]) -> None:
+        await self._conn.executemany(
+            "/* hold */ INSERT INTO notifier.held_alerts"
+            " (id, recipient_id, kind, relationship_id, message_id, actor_id, event_id,"
+            "  urgent, beyond, created_at, released_at, release_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            " ON CONFLICT (event_id, recipient_id) DO NOTHING",
+            [(uuid.uuid4(), a.recipient_id, a.kind, a.relationship_id, a.message_id, a.actor_id,
+              a.event_id, a.urgent, a.beyond, a.created_at, a.released_at, a.release_at)
+             for a in alerts],
+        )
+
+    async def lock_user(self, user_id: uuid.UUID) -> None:
+        """Wait for, then hold until commit, the user's advisory lock.
+
+        Handlers take their therapist's: one therapist's events are then applied
+        one at a time even across replicas (a re-plan never misses a check-in
+        held concurrently), and no scheduler builds that therapist's digest from
+        rows half re-planned (it only try-locks, and skips them this tick).
+        """
+        await self._conn.execute(
+            "/* lock_user */ SELECT pg_advisory_xact_lock($1, $2)",
+            RECIPIENT_LOCK_NAMESPACE, recipient_lock_key(user_id))
+
+    async def held_checkins_for(self, therapist_id: uuid.UUID) -> list[HeldAlert]:
+        rows = await self._conn.fetch(
+            f"/* held_checkins_for */ SELECT {_HELD_COLUMNS} FROM notifier.held_alerts"
+            " WHERE recipient_id = $1 AND kind = 'checkin' AND delivered_at IS NULL"
+            " FOR UPDATE", therapist_id)
+        return [HeldAlert.from_record(r) for r in rows]
+
+    async def held_replies_from(self, therapist_id: uuid.UUID) -> list[HeldAlert]:
+        rows = await self._conn.fetch(
+            f"/* held_replies_from */ SELECT {_HELD_COLUMNS} FROM notifier.held_alerts"
+            " WHERE actor_id = $1 AND kind = 'reply' AND delivered_at IS NULL"
+            " FOR UPDATE", therapist_id)
+        return [HeldAlert.from_record(r) for r in rows]
+
+    async def held_replies_in(self, relationship_id: uuid.UUID) -> list[HeldAlert]:
+        rows = await self._conn.fetch(
+            f"/* held_replies_in */ SELECT {_HELD_COLUMNS} FROM notifier.held_alerts"
+            " WHERE relationship_id = $1 AND kind = 'reply' AND delivered_at IS NULL"
+            " FOR UPDATE", relationship_id)
+        return [HeldAlert.from_record(r) for r in rows]
+
+    async def reschedule(self, changes: Sequence[tuple[uuid.UUID, datetime | None,
+                                                       datetime | None]]) -> None:
+        """Set ``(id, released_at, release_at)`` of undelivered held alerts."""
+        await self._conn.executemany(
+            "/* reschedule */ UPDATE notifier.held_alerts"
+            " SET released_at = $2, release_at = $3"
+            " WHERE id = $1 AND delivered_at IS NULL",
+            changes,
+        )
+
+    # --- reminders --------------------------------------------------------------------
+
+    async def add_reminder(self, reminder: NewReminder) -> None:
+        await self._conn.execute(
+            "/* add_reminder */ INSERT INTO notifier.reminders"
+            " (message_id, therapist_id, relationship_id, client_id, received_at, reply_by,"
+            "  remind_at) VALUES ($1, $2, $3, $4, $5, $6, $7)"
+            " ON CONFLICT (message_id) DO NOTHING",
+            reminder.message_id, reminder.therapist_id, reminder.relationship_id,
+            reminder.client_id, reminder.received_at, reminder.reply_by, reminder.remind_at)
+
+    async def cancel_reminders(self, relationship_id: uuid.UUID, received_before: datetime,
+                               at: datetime) -> int:
+        """Cancel the pending reminders of check-ins received before ``received_before``."""
+        status = await self._conn.execute(
+            "/* cancel_reminders */ UPDATE notifier.reminders SET cancelled_at = $3"
+            " WHERE relationship_id = $1 AND received_at < $2"
+            " AND sent_at IS NULL AND cancelled_at IS NULL",
+            relationship_id, received_before, at)
+        return int(status.rsplit(" ", 1)[-1])
+
+    async def pending_reminders_of(self, therapist_id: uuid.UUID) -> list[PendingReminder]:
+        rows = await self._conn.fetch(
+            "/* pending_reminders_of */ SELECT * FROM notifier.reminders"
+            " WHERE therapist_id = $1 AND sent_at IS NULL AND cancelled_at IS NULL"
+            " FOR UPDATE", therapist_id)
+        return [PendingReminder.from_record(r) for r in rows]
+
+    async def reschedule_reminders(self, changes: Sequence[tuple[uuid.UUID, datetime | None]]
+                                   ) -> None:
+        await self._conn.executemany(
+            "/* reschedule_reminders */ UPDATE notifier.reminders SET remind_at = $2"
+            " WHERE message_id = $1 AND sent_at IS NULL AND cancelled_at IS NULL",
+            changes,
+        )
+
+
+EventWork = Callable[[EventTransaction], Awaitable[None]]
+
+
 class NotifierStore:
-    """Every query of the notifier, over one asyncpg pool."""
+    """Every query of the consumer and the feed, over one asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork) -> bool:
+        """Record ``event_id`` in the inbox and run ``work``, in one transaction.
+
+        Returns False, and runs nothing, if the event was recorded before. An
+        exception from ``work`` rolls back the inbox entry too.
+        """
+        async with reachable(), self._pool.acquire() as conn, conn.transaction():
+            inserted = await conn.fetchval(
+                "/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
+                " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
+                event_id, event_type,
+            )
+            if not inserted:
+                return False
+            await work(EventTransaction(conn))
+            return True
 
     async def record_event(self, event_id: uuid.UUID, event_type: str,
                            notifications: Sequence[NewNotification]) -> bool:
@@ -101,25 +389,10 @@ class NotifierStore:
 
         Returns False, and creates nothing, if the event was recorded before.
         """
-        async with _reachable(), self._pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetchval(
-                "/* record_event */ INSERT INTO notifier.inbox (event_id, event_type)"
-                " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
-                event_id, event_type,
-            )
-            if not inserted:
-                return False
-            if notifications:
-                await conn.executemany(
-                    "/* record_event */ INSERT INTO notifier.notifications"
-                    " (id, user_id, kind, relationship_id, message_id, actor_id, event_id,"
-                    "  created_at)"
-                    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
-                    " ON CONFLICT (event_id, user_id) DO NOTHING",
-                    [(uuid.uuid4(), n.user_id, n.kind, n.relationship_id, n.message_id,
-                      n.actor_id, n.event_id, n.created_at) for n in notifications],
-                )
-            return True
+        async def work(tx: EventTransaction) -> None:
+            await tx.notify(notifications)
+
+        return await self.handle_event(event_id, event_type, work)
 
     async def feed(self, user_id: uuid.UUID, *, limit: int, after: FeedPosition | None = None,
                    unread_only: bool = False) -> FeedPage:
@@ -131,7 +404,7 @@ class NotifierStore:
             conditions.append("(created_at, id) < ($3, $4)")
         if unread_only:
             conditions.append("read_at IS NULL")
-        async with _reachable(), self._pool.acquire() as conn:
+        async with reachable(), self._pool.acquire() as conn:
             rows = await conn.fetch(
                 f"/* feed */ SELECT {_COLUMNS} FROM notifier.notifications"
                 f" WHERE {' AND '.join(conditions)}"
@@ -146,7 +419,7 @@ class NotifierStore:
 
     async def mark_read(self, user_id: uuid.UUID, notification_id: uuid.UUID) -> Notification:
         """Mark one of ``user_id``'s notifications read (idempotent: the first time stays)."""
-        async with _reachable(), self._pool.acquire() as conn:
+        async with reachable(), self._pool.acquire() as conn:
             row = await conn.fetchrow(
                 "/* mark_read */ UPDATE notifier.notifications"
                 " SET read_at = COALESCE(read_at, now())"
@@ -159,7 +432,7 @@ class NotifierStore:
 
     async def mark_all_read(self, user_id: uuid.UUID) -> int:
         """Mark every unread notification of ``user_id`` read; returns how many."""
-        async with _reachable(), self._pool.acquire() as conn:
+        async with reachable(), self._pool.acquire() as conn:
             status = await conn.execute(
                 "/* mark_all_read */ UPDATE notifier.notifications SET read_at = now()"
                 " WHERE user_id = $1 AND read_at IS NULL",

@@ -155,7 +155,8 @@ async def test_checkin_notifies_the_therapist_once(
     assert row["read_at"] is None
     # Ids and times only: the row has no room for content.
     assert set(row.keys()) == {"id", "user_id", "kind", "relationship_id", "message_id",
-                               "actor_id", "event_id", "created_at", "read_at"}
+                               "actor_id", "event_id", "created_at", "read_at", "details"}
+    assert row["details"] is None
 
 
 async def test_the_same_event_twice_has_one_effect(
@@ -242,11 +243,10 @@ class _SlowStore(NotifierStore):
         super().__init__(pool)
         self.entered = asyncio.Event()
 
-    async def record_event(self, event_id: uuid.UUID, event_type: str,
-                           notifications: Any) -> bool:
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: Any) -> bool:
         self.entered.set()
         await asyncio.sleep(0.5)
-        return await super().record_event(event_id, event_type, notifications)
+        return await super().handle_event(event_id, event_type, work)
 
 
 async def test_stop_lets_the_message_in_hand_commit(
@@ -314,7 +314,8 @@ async def test_feed_lists_only_the_callers_notifications_newest_first(
     assert len(body["items"]) == 2
     newest = body["items"][0]
     assert set(newest) == {"id", "kind", "relationship_id", "message_id", "actor_id",
-                           "created_at", "read_at"}
+                           "created_at", "read_at", "details"}
+    assert newest["details"] is None
     assert newest["kind"] == "checkin.received"
     assert newest["message_id"] == str(data.message_id)
     assert newest["relationship_id"] == str(data.relationship_id)

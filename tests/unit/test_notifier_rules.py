@@ -9,10 +9,13 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from services.notifier import checkin_submitted, reply_sent
-from services.notifier.consumer import PLANNERS, AlertTiming, decide_alert, normalise_event
+from services.notifier.consumer import HANDLERS, normalise_event, read_clock
 from services.notifier.routes import decode_cursor, encode_cursor
-from services.notifier.store import CHECKIN_RECEIVED, REPLY_RECEIVED, FeedPosition, NewNotification
+from services.notifier.store import CHECKIN_RECEIVED, REPLY_RECEIVED, FeedPosition
+from shared.boundaries import Agreement
 from shared.events import (
+    AGREEMENT_UPDATED,
+    AVAILABILITY_UPDATED,
     CHECKIN_SUBMITTED,
     REPLY_SENT,
     Event,
@@ -35,7 +38,10 @@ def _message_event(event_type: str, *, sender: str = "client") -> tuple[Event, M
 
 def test_checkin_notifies_the_therapist_with_the_client_as_actor() -> None:
     event, data = _message_event(CHECKIN_SUBMITTED, sender="client")
-    [notification] = checkin_submitted.plan(event)
+    outcome = checkin_submitted.plan(event, checkin_submitted.decode(event), None, Agreement(), NOW)
+    notification = outcome.notification
+    assert notification is not None
+    assert outcome.held is None
     assert notification.user_id == data.therapist_id
     assert notification.actor_id == data.client_id
     assert notification.kind == CHECKIN_RECEIVED
@@ -47,40 +53,44 @@ def test_checkin_notifies_the_therapist_with_the_client_as_actor() -> None:
 
 def test_reply_notifies_the_client_with_the_therapist_as_actor() -> None:
     event, data = _message_event(REPLY_SENT, sender="therapist")
-    [notification] = reply_sent.plan(event)
+    outcome = reply_sent.plan(event, reply_sent.decode(event), None, Agreement(), NOW)
+    notification = outcome.notification
+    assert notification is not None
+    assert outcome.held is None
     assert notification.user_id == data.client_id
     assert notification.actor_id == data.therapist_id
     assert notification.kind == REPLY_RECEIVED
     assert notification.message_id == data.message_id
 
 
-@pytest.mark.parametrize(("planner", "event_type", "wrong_sender"), [
-    (checkin_submitted.plan, CHECKIN_SUBMITTED, "therapist"),
-    (reply_sent.plan, REPLY_SENT, "client"),
+@pytest.mark.parametrize(("decode", "event_type", "wrong_sender"), [
+    (checkin_submitted.decode, CHECKIN_SUBMITTED, "therapist"),
+    (reply_sent.decode, REPLY_SENT, "client"),
 ])
 def test_a_message_from_the_wrong_side_is_malformed(
-    planner: Callable[[Event], list[NewNotification]], event_type: str, wrong_sender: str,
+    decode: Callable[[Event], MessageEventData], event_type: str, wrong_sender: str,
 ) -> None:
     event, _ = _message_event(event_type, sender=wrong_sender)
     with pytest.raises(MalformedEvent):
-        planner(event)
+        decode(event)
 
 
 def test_message_data_that_does_not_fit_the_schema_is_malformed() -> None:
     event, _ = _message_event(CHECKIN_SUBMITTED)
     broken = event.model_copy(update={"data": {"message_id": "not-a-uuid"}})
     with pytest.raises(MalformedEvent):
-        checkin_submitted.plan(broken)
+        checkin_submitted.decode(broken)
 
 
-def test_only_checkins_and_replies_have_planners() -> None:
-    assert set(PLANNERS) == {CHECKIN_SUBMITTED, REPLY_SENT}
+def test_one_handler_per_event_kind_consumed() -> None:
+    assert set(HANDLERS) == {CHECKIN_SUBMITTED, REPLY_SENT, AVAILABILITY_UPDATED,
+                             AGREEMENT_UPDATED}
 
 
-def test_every_alert_is_immediate_for_now() -> None:
-    event, _ = _message_event(CHECKIN_SUBMITTED)
-    [notification] = checkin_submitted.plan(event)
-    assert decide_alert(notification, now=NOW) is AlertTiming.NOW
+def test_a_naive_clock_reading_is_taken_as_utc() -> None:
+    assert read_clock(lambda: datetime(2025, 3, 30, 12, 0)) == NOW
+    paris = timezone(timedelta(hours=2))
+    assert read_clock(lambda: datetime(2025, 3, 30, 14, 0, tzinfo=paris)).tzinfo is UTC
 
 
 def test_normalise_takes_a_naive_time_as_utc() -> None:
