@@ -84,6 +84,14 @@ class Agreement:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Agreement:
+        """The inverse of :meth:`to_json`; ValueError on anything malformed."""
+        try:
+            return cls._from_json(data)
+        except (TypeError, AttributeError, KeyError) as exc:
+            raise ValueError(f"malformed agreement: {exc}") from None
+
+    @classmethod
+    def _from_json(cls, data: dict[str, Any]) -> Agreement:
         quiet = data.get("client_quiet_hours")
         window = data.get("reply_window") or {}
         return cls(

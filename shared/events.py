@@ -17,6 +17,7 @@ RELATIONSHIP_CREATED = "relationship.created"
 DEVICE_KEYS_CHANGED = "device.keys_changed"
 AVAILABILITY_UPDATED = "availability.updated"
 AGREEMENT_UPDATED = "agreement.updated"
+NOTIFICATION_CREATED = "notification.created"
 
 
 class _Strict(BaseModel):
@@ -36,6 +37,8 @@ class MessageEventData(_Strict):
     reply_by: datetime | None = None
     # Replies: the therapist asked to deliver now, even outside office hours.
     deliver_now: bool = False
+    # When the recipient may see it (a reply held for office hours: later).
+    visible_at: datetime | None = None
 
 
 class RelationshipEventData(_Strict):
@@ -65,6 +68,19 @@ class AgreementEventData(_Strict):
     version: int
     # Agreement.to_json() without the crisis text, which the notifier never needs.
     terms: dict[str, Any]
+
+
+class NotificationEventData(_Strict):
+    """A notification the notifier just stored, for live streams and channels."""
+
+    notification_id: uuid.UUID
+    user_id: uuid.UUID
+    kind: str
+    relationship_id: uuid.UUID | None = None
+    message_id: uuid.UUID | None = None
+    actor_id: uuid.UUID | None = None
+    details: dict[str, Any] | None = None
+    created_at: datetime
 
 
 class Event(_Strict):

@@ -399,6 +399,7 @@ class MessagingStore:
                     sender_id=message.sender_id, sent_at=message.sent_at,
                     urgent=message.urgent, beyond_agreement=terms.beyond_agreement,
                     reply_by=terms.reply_by, deliver_now=terms.deliver_now,
+                    visible_at=row["visible_at"],
                 ),
                 correlation_id,
             )

@@ -188,7 +188,7 @@ async def test_relay_publishes_confirmed_events_and_marks_them_sent(
         assert event["schema_version"] == 1
         assert set(event["data"]) == {  # type: ignore[arg-type]
             "message_id", "relationship_id", "therapist_id", "client_id", "sender_id",
-            "sent_at", "urgent", "beyond_agreement", "reply_by", "deliver_now"}
+            "sent_at", "urgent", "beyond_agreement", "reply_by", "deliver_now", "visible_at"}
         pool = stack.apps["messaging"][POOL]
 
         async def marked() -> bool:

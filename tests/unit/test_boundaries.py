@@ -136,3 +136,11 @@ def test_agreement_round_trips_and_refuses_nonsense() -> None:
         Agreement(reply_window_amount=0)
     with pytest.raises(ValueError, match="urgent policy"):
         Agreement(urgent_policy="sometimes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bad", [
+    {"reply_window": 5}, {"client_quiet_hours": 7}, {"checkins_allowed": "x"}, [],
+])
+def test_malformed_agreement_json_is_one_kind_of_error(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"agreement|must|checkins"):
+        Agreement.from_json(bad)  # type: ignore[arg-type]
