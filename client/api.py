@@ -18,6 +18,8 @@ from typing import Any, Self
 
 import aiohttp
 
+from client.terms import Absence, Agreement, Availability, Expectation
+
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 NOT_SIGNED_IN = "not_signed_in"  # our own code: no tokens here, nothing was sent
@@ -168,6 +170,10 @@ class Message:
 class PostedMessage:
     message: Message
     created: bool  # False: the server recognised a retry and answered the first result
+    answer: dict[str, Any]  # the whole answer, e.g. for --json
+    expectation: Expectation | None = None  # check-ins: what the client is told
+    release_at: str | None = None  # replies: when the client sees it
+    held: bool = False  # replies: held until the therapist's office hours open
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +186,7 @@ class Notification:
     actor_name: str | None
     created_at: str
     read_at: str | None
+    details: dict[str, Any] | None = None  # digest counts, a reminder's reply_by
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Notification:
@@ -189,7 +196,7 @@ class Notification:
 
         return cls(uuid.UUID(data["id"]), data["kind"], opt_uuid("relationship_id"),
                    opt_uuid("message_id"), opt_uuid("actor_id"), data.get("actor_name"),
-                   data["created_at"], data.get("read_at"))
+                   data["created_at"], data.get("read_at"), data.get("details"))
 
     def to_json(self) -> dict[str, Any]:
         def text(value: uuid.UUID | None) -> str | None:
@@ -199,7 +206,7 @@ class Notification:
                 "relationship_id": text(self.relationship_id),
                 "message_id": text(self.message_id), "actor_id": text(self.actor_id),
                 "actor_name": self.actor_name, "created_at": self.created_at,
-                "read_at": self.read_at}
+                "read_at": self.read_at, "details": self.details}
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,11 +372,19 @@ class GatewayClient:
     # -- messages -------------------------------------------------------------
 
     async def post_message(self, relationship_id: uuid.UUID, envelope_b64: str, *,
-                           idempotency_key: str | None = None) -> PostedMessage:
+                           idempotency_key: str | None = None,
+                           deliver_now: bool = False) -> PostedMessage:
         headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else None
+        body: dict[str, Any] = {"envelope": envelope_b64}
+        if deliver_now:
+            body["deliver_now"] = True
         answer = await self._call("POST", f"/v1/relationships/{relationship_id}/messages",
-                                  body={"envelope": envelope_b64}, headers=headers)
-        return PostedMessage(Message.from_json(answer.data), answer.status == 201)
+                                  body=body, headers=headers)
+        data = answer.data
+        expectation = data.get("expectation")
+        return PostedMessage(Message.from_json(data), answer.status == 201, data,
+                             Expectation.from_json(expectation) if expectation else None,
+                             data.get("release_at"), bool(data.get("held")))
 
     async def messages_page(self, relationship_id: uuid.UUID, *, cursor: str | None = None,
                             limit: int | None = None) -> tuple[list[Message], str | None]:
@@ -426,3 +441,44 @@ class GatewayClient:
 
     async def mark_all_read(self) -> int:
         return int((await self._call("POST", "/v1/notifications/read-all")).data["updated"])
+
+    # -- office hours, absences, agreements -----------------------------------
+
+    async def availability(self) -> Availability:
+        """The caller's own office hours (therapists)."""
+        return Availability.from_json((await self._call("GET", "/v1/availability")).data)
+
+    async def set_hours(self, spec: str, tz: str) -> Availability:
+        data = (await self._call("PUT", "/v1/availability", body={"spec": spec, "tz": tz})).data
+        return Availability.from_json(data)
+
+    async def absences(self) -> list[Absence]:
+        data = (await self._call("GET", "/v1/availability/absences")).data
+        return [Absence.from_json(a) for a in data["items"]]
+
+    async def add_absence(self, first_day: str, last_day: str,
+                          note: str | None = None) -> Absence:
+        body: dict[str, Any] = {"first_day": first_day, "last_day": last_day}
+        if note is not None:
+            body["note"] = note
+        data = (await self._call("POST", "/v1/availability/absences", body=body)).data
+        return Absence.from_json(data)
+
+    async def remove_absence(self, absence_id: uuid.UUID) -> None:
+        await self._call("DELETE", f"/v1/availability/absences/{absence_id}")
+
+    async def relationship_availability(self, relationship_id: uuid.UUID) -> Availability:
+        """The therapist's office hours, as either member of the relationship sees them."""
+        data = (await self._call("GET", f"/v1/relationships/{relationship_id}/availability")).data
+        return Availability.from_json(data)
+
+    async def agreement(self, relationship_id: uuid.UUID) -> Agreement:
+        data = (await self._call("GET", f"/v1/relationships/{relationship_id}/agreement")).data
+        return Agreement.from_json(data)
+
+    async def set_agreement(self, relationship_id: uuid.UUID,
+                            changes: dict[str, Any]) -> Agreement:
+        """Change the fields given in ``changes`` (docs/api.md names them); the rest stay."""
+        data = (await self._call("PUT", f"/v1/relationships/{relationship_id}/agreement",
+                                 body=changes)).data
+        return Agreement.from_json(data)

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import contextlib
 import json
-import os
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from client import cli_boundaries
+from client.account import (
+    DEFAULT_SERVER,
+    PROG,
+    SERVER_ENV,
+    Account,
+    choose_relationship,
+    open_account,
+    publish_keys,
+)
+from client.account import local_time as _when
+from client.account import peer_label as _peer_label
+from client.account import server_url as _server
+from client.account import warn as _warn
 from client.api import (
     NOT_SIGNED_IN,
     ApiError,
@@ -30,6 +39,7 @@ from client.api import (
     User,
 )
 from client.crypto import MAX_TEXT_BYTES, DeviceKeys
+from client.explain import crisis_box, expectation_lines, notification_text, reply_lines
 from client.keystore import KeystoreError
 from client.messages import read_inbox, send_message
 from client.session import (
@@ -52,82 +62,9 @@ from client.trust import (
 )
 from shared.envelope import KIND_CHECKIN, KIND_REPLY, SUITE_MLKEM768_X25519, SUITE_X25519
 
-PROG = "interlude-client"
-DEFAULT_SERVER = "http://127.0.0.1:8080"
-SERVER_ENV = "INTERLUDE_SERVER"
 SUITE_NAMES = {"mlkem768-x25519": SUITE_MLKEM768_X25519, "x25519": SUITE_X25519}
 
 EXIT_OK, EXIT_API, EXIT_USAGE, EXIT_TRUST = 0, 1, 2, 3
-
-
-def _warn(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _server(args: argparse.Namespace, state: State | None) -> str:
-    server: str = args.server or os.environ.get(SERVER_ENV) or (
-        state.server if state is not None else DEFAULT_SERVER)
-    return server.rstrip("/")
-
-
-def _when(iso: str | None) -> str:
-    if not iso:
-        return "-"
-    try:
-        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    except ValueError:
-        return iso
-
-
-# -- an opened account -----------------------------------------------------------
-
-@dataclass
-class Account:
-    store: LocalStore
-    state: State
-    api: GatewayClient
-
-
-@contextlib.asynccontextmanager
-async def open_account(args: argparse.Namespace, *, publish: bool = True
-                       ) -> AsyncIterator[Account]:
-    """Load the keystore, connect, retry an unfinished key publication; save on the way out."""
-    store = LocalStore(args.home)
-    state = store.load()
-    saved = [state.to_json()]
-
-    def save() -> None:
-        store.save(state)
-        saved[0] = state.to_json()
-
-    def on_tokens(access: str, refresh: str) -> None:
-        # Persist at once: the old refresh token is now spent.
-        state.access_token, state.refresh_token = access, refresh
-        save()
-
-    async with GatewayClient(_server(args, state), access_token=state.access_token,
-                             refresh_token=state.refresh_token, on_tokens=on_tokens) as api:
-        try:
-            if publish and not state.keys_published and state.access_token:
-                await publish_keys(api, state)
-            yield Account(store, state, api)
-        finally:
-            if state.to_json() != saved[0]:
-                save()
-
-
-async def publish_keys(api: GatewayClient, state: State) -> None:
-    """Publish this device's self-signed public keys (idempotent)."""
-    keys = state.keys
-    await api.publish_device(
-        state.device_id, suite=keys.suite, hpke_public_key=_b64(keys.hpke_public_key),
-        signing_public_key=_b64(keys.signing_public_key),
-        signature=_b64(keys.sign_device_record(state.user.id, state.device_id)))
-    state.keys_published = True
 
 
 async def _publish_after_signin(api: GatewayClient, store: LocalStore, state: State) -> int:
@@ -141,33 +78,6 @@ async def _publish_after_signin(api: GatewayClient, store: LocalStore, state: St
     finally:
         store.save(state)
     return EXIT_OK
-
-
-# -- choosing a relationship ---------------------------------------------------------
-
-def _peer_label(rel: Relationship, me: uuid.UUID) -> str:
-    peer = rel.peer_of(me)
-    return f"{peer.display_name} <{peer.email}>" if peer else str(rel.peer_id_of(me))
-
-
-def choose_relationship(rels: list[Relationship], me: uuid.UUID, selector: str | None,
-                        *, option: str = "--to") -> Relationship:
-    """The relationship named by `selector` (peer email or id), or the only active one."""
-    if selector:
-        wanted = selector.strip().lower()
-        for rel in rels:
-            peer = rel.peer_of(me)
-            if str(rel.id) == wanted or (peer is not None and peer.email.lower() == wanted):
-                return rel
-        raise UsageError(f"no relationship with {selector!r}; see `{PROG} relationships`")
-    active = [r for r in rels if r.status == "active"]
-    if len(active) == 1:
-        return active[0]
-    if not active:
-        raise UsageError("you have no active relationship yet")
-    names = ", ".join(_peer_label(r, me) for r in active)
-    raise UsageError(f"you have {len(active)} relationships ({names}); choose one with "
-                     f"{option} EMAIL or {option} RELATIONSHIP_ID")
 
 
 def read_text(arg: str) -> str:
@@ -303,12 +213,37 @@ async def _send(args: argparse.Namespace, *, kind: int, role: str) -> int:
             raise UsageError(f"the relationship with {_peer_label(rel, state.user.id)} "
                              "has ended")
         sent = await send_message(acct.api, state, rel, text, kind=kind,
-                                  urgent=getattr(args, "urgent", False), warn=_warn)
+                                  urgent=getattr(args, "urgent", False), warn=_warn,
+                                  deliver_now=getattr(args, "now", False))
+        posted = sent.posted
+        if args.json:
+            print(json.dumps(posted.answer, indent=2, ensure_ascii=False))
+            return EXIT_OK
         what = "check-in" if kind == KIND_CHECKIN else "reply"
         again = "" if sent.created else " (already stored by an earlier attempt)"
-        print(f"sent {what} {sent.message_id} to {_peer_label(rel, state.user.id)}, "
+        peer = _peer_label(rel, state.user.id)
+        print(f"sent {what} {sent.message_id} to {peer}, "
               f"encrypted for {sent.recipients} devices{again}")
+        if posted.expectation is not None:
+            therapist_tz = await _therapist_zone(acct, rel.id)
+            print("\n".join(expectation_lines(posted.expectation, therapist_tz=therapist_tz)))
+            if posted.expectation.crisis_resources:
+                print()
+                print("\n".join(crisis_box(posted.expectation.crisis_resources)))
+        elif posted.release_at is not None:
+            person = rel.peer_of(state.user.id)
+            name = person.display_name if person else "your client"
+            print("\n".join(reply_lines(held=posted.held, release_at=posted.release_at,
+                                        deliver_now=getattr(args, "now", False), client=name)))
     return EXIT_OK
+
+
+async def _therapist_zone(acct: Account, relationship_id: uuid.UUID) -> str | None:
+    """The zone of the therapist's office hours, to show times in it too (best effort)."""
+    try:
+        return (await acct.api.relationship_availability(relationship_id)).tz
+    except (ApiError, ServerUnreachable):
+        return None
 
 
 async def cmd_send(args: argparse.Namespace) -> int:
@@ -350,9 +285,6 @@ async def cmd_inbox(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-_NOTIFICATION_KINDS = {"checkin.received": "new check-in", "reply.received": "new reply"}
-
-
 async def cmd_notifications(args: argparse.Namespace) -> int:
     async with open_account(args) as acct:
         items = []
@@ -367,10 +299,12 @@ async def cmd_notifications(args: argparse.Namespace) -> int:
             if not items:
                 print("no notifications")
             for n in items:
-                what = _NOTIFICATION_KINDS.get(n.kind, n.kind)
                 mark = "  " if n.read_at else "* "
-                print(f"{mark}{_when(n.created_at)}  {what} from {n.actor_name or 'someone'}"
-                      f"  (relationship {n.relationship_id}, message {n.message_id})")
+                where = ", ".join(f"{name} {value}" for name, value in (
+                    ("relationship", n.relationship_id), ("message", n.message_id)) if value)
+                print(f"{mark}{_when(n.created_at)}  "
+                      f"{notification_text(n.kind, n.actor_name, n.details)}"
+                      + (f"  ({where})" if where else ""))
         if args.mark_read:
             updated = await acct.api.mark_all_read()
             _warn(f"marked {updated} notification(s) read")
@@ -490,11 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mark it urgent (alerts outside office hours only if agreed)")
     p.add_argument("--to", metavar="REL", help="therapist email or relationship id (needed "
                    "only with more than one relationship)")
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON "
+                   "(with the expectation: when your therapist is alerted, reply-by time)")
 
-    p = command("reply", cmd_reply, "(therapist) send an encrypted reply to a client")
+    p = command("reply", cmd_reply, "(therapist) send an encrypted reply to a client; outside "
+                "your office hours it is held until they open, unless --now")
     p.add_argument("--to", metavar="CLIENT", help="the client's email or the relationship id "
                    "(optional with exactly one client)")
     p.add_argument("text", metavar="TEXT", help=f"the reply, or '-' for stdin. {private}")
+    p.add_argument("--now", action="store_true", help="deliver it now, even outside your "
+                   "office hours")
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
 
     p = command("inbox", cmd_inbox, "decrypt and show the messages of your relationships")
     p.add_argument("--json", action="store_true", help="print a JSON list")
@@ -515,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "current keys (needed after a key change)")
     p.add_argument("peer", metavar="PEER", help="their email or the relationship id (your own "
                    "email accepts your own new devices)")
+
+    cli_boundaries.add_commands(sub)
     return parser
 
 

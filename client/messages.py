@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from client.api import ApiError, GatewayClient, Message, Relationship, ServerUnreachable
+from client.api import (
+    ApiError,
+    GatewayClient,
+    Message,
+    PostedMessage,
+    Relationship,
+    ServerUnreachable,
+)
 from client.crypto import DecryptError, open_envelope, seal
 from client.session import State
 from client.trust import (
@@ -78,12 +85,15 @@ class Sent:
     message_id: uuid.UUID
     created: bool
     recipients: int
+    posted: PostedMessage  # the server's answer: expectation, release time
 
 
-async def _post(api: GatewayClient, rel_id: uuid.UUID, envelope_b64: str, key: str) -> Any:
+async def _post(api: GatewayClient, rel_id: uuid.UUID, envelope_b64: str, key: str, *,
+                deliver_now: bool) -> PostedMessage:
     for attempt in range(1, POST_ATTEMPTS + 1):
         try:
-            return await api.post_message(rel_id, envelope_b64, idempotency_key=key)
+            return await api.post_message(rel_id, envelope_b64, idempotency_key=key,
+                                          deliver_now=deliver_now)
         except ServerUnreachable:
             if attempt == POST_ATTEMPTS:
                 raise
@@ -95,12 +105,14 @@ async def _post(api: GatewayClient, rel_id: uuid.UUID, envelope_b64: str, key: s
 
 
 async def send_message(api: GatewayClient, state: State, rel: Relationship, text: str, *,
-                       kind: int, urgent: bool, warn: Warn) -> Sent:
+                       kind: int, urgent: bool, warn: Warn,
+                       deliver_now: bool = False) -> Sent:
     """Seal `text` for every current device of both people and post it.
 
     A network error retries the same envelope under the same Idempotency-Key, so
     the server stores it once. On 409 stale_keys the devices are fetched, checked
-    against the pins and the text sealed again, once.
+    against the pins and the text sealed again, once. ``deliver_now`` (replies) asks
+    the server not to hold the reply until the therapist's office hours open.
     """
     for round_ in (1, 2):
         devices = await current_devices(api, state, rel, warn=warn, strict=True)
@@ -116,12 +128,13 @@ async def send_message(api: GatewayClient, state: State, rel: Relationship, text
                            ) from None
         encoded = base64.b64encode(envelope.to_bytes()).decode("ascii")
         try:
-            posted = await _post(api, rel.id, encoded, str(uuid.uuid4()))
+            posted = await _post(api, rel.id, encoded, str(uuid.uuid4()),
+                                 deliver_now=deliver_now)
         except ApiError as exc:
             if exc.code == "stale_keys" and round_ == 1:
                 continue
             raise
-        return Sent(posted.message.id, posted.created, len(devices))
+        return Sent(posted.message.id, posted.created, len(devices), posted)
     raise AssertionError("unreachable")
 
 

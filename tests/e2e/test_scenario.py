@@ -8,149 +8,19 @@ leaked the text: every table (pg_dump), every service log, every broker message.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import socket
 import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import aio_pika
 import pytest
 
 from shared.amqp import EVENTS_EXCHANGE
 from tests.conftest import TestEnv
+from tests.e2e.helpers import CALL_TIMEOUT, Cli, Person, Stack, create_therapist, poll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
-
-BIN = Path(sys.executable).parent
-CLIENT = str(BIN / "interlude-client")
-OPERATOR = str(BIN / "interlude")
-SERVICES = ("messaging", "notifier", "gateway")
-READY_TIMEOUT = 30.0
-CALL_TIMEOUT = 60.0
-POLL_TIMEOUT = 15.0
-STOP_TIMEOUT = 20.0
-
-T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@dataclass
-class Stack:
-    gateway_url: str
-    env: dict[str, str]
-    logs: list[Path]
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - our own URL
-            return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-@pytest.fixture
-def stack(test_env: TestEnv, tmp_path: Path) -> Iterator[Stack]:
-    ports = {name: _free_port() for name in SERVICES}
-    env = {**os.environ, **test_env.env(
-        INTERLUDE_GATEWAY_PORT=str(ports["gateway"]),
-        INTERLUDE_MESSAGING_PORT=str(ports["messaging"]),
-        INTERLUDE_NOTIFIER_PORT=str(ports["notifier"]),
-        INTERLUDE_MESSAGING_URL=f"http://127.0.0.1:{ports['messaging']}",
-        INTERLUDE_NOTIFIER_URL=f"http://127.0.0.1:{ports['notifier']}",
-    )}
-    processes: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    try:
-        for name in SERVICES:
-            log_path = tmp_path / f"{name}.log"
-            logs.append(log_path)
-            with log_path.open("wb") as log:
-                processes.append(subprocess.Popen(
-                    [sys.executable, "-m", f"services.{name}"], env=env,
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + READY_TIMEOUT
-        for name, process in zip(SERVICES, processes, strict=True):
-            url = f"http://127.0.0.1:{ports[name]}/readyz"
-            while not _ready(url):
-                if process.poll() is not None or time.monotonic() > deadline:
-                    output = (tmp_path / f"{name}.log").read_text(errors="replace")[-3000:]
-                    pytest.fail(f"{name} did not become ready (exit {process.poll()}):\n{output}")
-                time.sleep(0.2)
-        yield Stack(f"http://127.0.0.1:{ports['gateway']}", env, logs)
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        unclean = []
-        for name, process in zip(SERVICES, processes, strict=False):
-            try:
-                code = process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=5)
-                code = None
-            if code != 0:
-                unclean.append(f"{name} (exit {code})")
-        if unclean:
-            pytest.fail(f"services did not stop cleanly on SIGTERM: {', '.join(unclean)}")
-
-
-@dataclass
-class Person:
-    home: Path
-    email: str
-    name: str
-    password: str
-    passphrase: str
-
-
-class Cli:
-    def __init__(self, stack: Stack) -> None:
-        self.stack = stack
-
-    def run(self, person: Person, *args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INTERLUDE_")}
-        env.update(INTERLUDE_PASSPHRASE=person.passphrase, INTERLUDE_PASSWORD=person.password)
-        result = subprocess.run(
-            [CLIENT, "--server", self.stack.gateway_url, "--home", str(person.home), *args],
-            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-            timeout=CALL_TIMEOUT, check=False)
-        if ok:
-            assert result.returncode == 0, (
-                f"interlude-client {args[0]} failed ({result.returncode}):\n"
-                f"{result.stdout}\n{result.stderr}")
-        return result
-
-    def json(self, person: Person, *args: str) -> Any:
-        return json.loads(self.run(person, *args, "--json").stdout)
-
-
-def _poll(what: str, fetch: Callable[[], T], done: Callable[[T], bool]) -> T:
-    deadline = time.monotonic() + POLL_TIMEOUT
-    while True:
-        value = fetch()
-        if done(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {POLL_TIMEOUT} s waiting for {what}; last: {value!r}")
-        time.sleep(0.5)
 
 
 async def _declare_spy(amqp_url: str, queue_name: str) -> None:
@@ -191,15 +61,6 @@ def spy_queue(test_env: TestEnv, stack: Stack, request: pytest.FixtureRequest) -
         asyncio.run(_delete_spy(test_env.amqp_url, name))
 
 
-def _create_therapist(stack: Stack, email: str, name: str) -> str:
-    result = subprocess.run(
-        [OPERATOR, "admin", "create-therapist", "--email", email, "--name", name],
-        env=stack.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-        timeout=CALL_TIMEOUT, check=False)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip().splitlines()[-1]
-
-
 def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: TestEnv,
                                       tmp_path: Path) -> None:
     run_id = uuid.uuid4().hex[:10]
@@ -212,7 +73,7 @@ def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: Te
     cli = Cli(stack)
     secrets = [canary, reply_text]
 
-    code = _create_therapist(stack, therapist.email, therapist.name)
+    code = create_therapist(stack, therapist.email, therapist.name)
     cli.run(therapist, "enroll", "--code", code, "--email", therapist.email,
             "--name", therapist.name)
     invite_code = cli.run(therapist, "invite").stdout.strip().splitlines()[-1]
@@ -222,7 +83,7 @@ def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: Te
     sent = cli.run(client, "send", canary)
     assert canary not in sent.stdout + sent.stderr
 
-    notes = _poll("the therapist's check-in notification",
+    notes = poll("the therapist's check-in notification",
                   lambda: cli.json(therapist, "notifications"),
                   lambda items: any(n["kind"] == "checkin.received" for n in items))
     checkin_note = next(n for n in notes if n["kind"] == "checkin.received")
@@ -242,7 +103,7 @@ def test_checkin_and_reply_end_to_end(stack: Stack, spy_queue: str, test_env: Te
     assert [(m["kind"], m.get("text")) for m in client_inbox] == [
         ("checkin", canary), ("reply", reply_text)], client_inbox
     assert client_inbox[1]["from"] == therapist.email
-    _poll("the client's reply notification", lambda: cli.json(client, "notifications"),
+    poll("the client's reply notification", lambda: cli.json(client, "notifications"),
           lambda items: any(n["kind"] == "reply.received" for n in items))
 
     # Both sides see the same safety number.

@@ -12,19 +12,22 @@ import base64
 import io
 import json
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from aiohttp import ClientTimeout, web
 
-from client import cli, messages
+from client import cli, cli_boundaries, explain, messages
 from client.api import ApiError, Device, GatewayClient, ServerUnreachable
 from client.crypto import DeviceKeys
 from client.session import LocalStore, PinnedKey, State
+from client.terms import Agreement, Availability, Expectation
 from client.trust import (
     UnsignedDevice,
     VerifiedDevice,
@@ -61,6 +64,10 @@ class FakeGateway:
     posts: list[tuple[str | None, bytes]] = field(default_factory=list)
     answers: list[web.Response] = field(default_factory=list)  # next POST /messages answers
     fail_publish: bool = False
+    expectation: dict[str, Any] | None = None  # added to a check-in's answer when set
+    availability: dict[str, Any] | None = None  # GET .../availability; 404 when None
+    feed: list[dict[str, Any]] | None = None  # GET /v1/notifications; a 502 page when None
+    seen: list[str] = field(default_factory=list)  # "METHOD /path" of every request
     access_token: str = "access-1"
     refresh_token: str = "refresh-1"
     url: str = ""
@@ -99,6 +106,7 @@ class FakeGateway:
 
         @web.middleware
         async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
+            self.seen.append(f"{request.method} {request.path}")
             if request.path not in ("/v1/enroll", "/v1/auth/refresh") \
                     and not self._authorized(request):
                 return _error(401, "unauthorized", "access token is invalid or expired")
@@ -171,8 +179,16 @@ class FakeGateway:
                        "created_at": f"2025-01-01T00:00:{len(self.messages):02d}+00:00",
                        "envelope": _b64(raw)}
             self.messages.append(message)
-            return web.json_response({k: v for k, v in message.items() if k != "envelope"},
-                                     status=201)
+            answer = {k: v for k, v in message.items() if k != "envelope"}
+            if self.expectation is not None:
+                answer["expectation"] = self.expectation
+            return web.json_response(answer, status=201)
+
+        @routes.get("/v1/relationships/{rid}/availability")
+        async def availability(request: web.Request) -> web.Response:
+            if self.availability is None:
+                return _error(404, "not_found", "no such relationship")
+            return web.json_response(self.availability)
 
         @routes.get("/v1/relationships/{rid}/messages")
         async def list_messages(request: web.Request) -> web.Response:
@@ -180,6 +196,8 @@ class FakeGateway:
 
         @routes.get("/v1/notifications")
         async def notifications(request: web.Request) -> web.Response:
+            if self.feed is not None:
+                return web.json_response({"items": self.feed, "next_cursor": None})
             return web.Response(status=502, text="<html>bad gateway</html>")
 
         app = web.Application(middlewares=[auth])
@@ -651,3 +669,336 @@ async def test_messages_follow_cursors() -> None:
     finally:
         await runner.cleanup()
     assert got == [uuid.uuid5(uuid.NAMESPACE_DNS, i) for i in "abc"]
+
+
+# -- boundaries: options ------------------------------------------------------------------
+
+BOUNDARY_COMMANDS = [["hours"], ["hours", "set"], ["hours", "show"], ["away"],
+                     ["away", "add"], ["away", "list"], ["away", "remove"], ["agreement"],
+                     ["agreement", "show"], ["agreement", "set"]]
+
+
+@pytest.mark.parametrize("command", BOUNDARY_COMMANDS, ids=" ".join)
+def test_every_boundary_command_has_help(command: list[str],
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([*command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: interlude-client {' '.join(command)}" in capsys.readouterr().out
+
+
+def _changes(*argv: str) -> dict[str, Any]:
+    return cli_boundaries.agreement_changes(
+        cli.build_parser().parse_args(["agreement", "set", *argv]))
+
+
+def test_agreement_set_options_become_the_put_body() -> None:
+    assert _changes("--client", "sam@example.org", "--checkins", "5", "--per", "day",
+                    "--reply-within", "2 business days", "--urgent", "urgent-anytime",
+                    "--quiet", " 21:00-08:00 ", "--client-tz", "Europe/Berlin",
+                    "--crisis", "Call Ana.") == {
+        "checkins_allowed": 5, "checkin_period": "day",
+        "reply_window": {"amount": 2, "unit": "business_days"},
+        "urgent_policy": "urgent-anytime",
+        "client_quiet_hours": {"spec": "21:00-08:00", "tz": "Europe/Berlin"},
+        "crisis_resources": "Call Ana."}
+    # Only what is given changes; "unlimited" and the defaults are explicit nulls.
+    assert _changes("--checkins", "unlimited", "--no-quiet", "--crisis-default") == {
+        "checkins_allowed": None, "client_quiet_hours": None, "crisis_resources": None}
+    assert _changes("--reply-within", "8 office hours") == {
+        "reply_window": {"amount": 8, "unit": "office_hours"}}
+    assert _changes("--reply-within", "1 Business Day") == {
+        "reply_window": {"amount": 1, "unit": "business_days"}}
+    assert _changes("--checkins", "0") == {"checkins_allowed": 0}
+    args = cli.build_parser().parse_args(["agreement", "show", "--to", "sam@example.org"])
+    assert (args.func, args.client) == (cli_boundaries.cmd_agreement_show, "sam@example.org")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--checkins", "many"], ["--checkins", "1001"], ["--per", "month"],
+    ["--reply-within", "2 days"], ["--reply-within", "soon"], ["--urgent", "always"],
+    ["--quiet", "21:00-08:00", "--no-quiet"], ["--crisis", "x", "--crisis-default"],
+])
+def test_bad_agreement_options_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args(["agreement", "set", *argv])
+    assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "nothing to change"),
+    (["--quiet", "21:00-08:00"], "--quiet needs --client-tz"),
+    (["--client-tz", "Europe/Berlin"], "--client-tz goes with --quiet"),
+    (["--quiet", "21:00-25:00", "--client-tz", "UTC"], "invalid quiet hours: bad time"),
+    (["--quiet", "21:00-08:00", "--client-tz", "Nowhere/City"], "unknown time zone"),
+    (["--crisis", "  "], "--crisis needs a text"),
+])
+def test_agreement_changes_that_make_no_sense(argv: list[str], message: str) -> None:
+    with pytest.raises(cli.UsageError, match=message):
+        _changes(*argv)
+
+
+def test_parsing_of_hours_away_send_and_reply_options() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["hours", "set", "Mon-Thu 09:00-12:00,14:00-17:00; Fri 09:00-13:00",
+                              "--tz", "Europe/Berlin"])
+    assert (args.func, args.spec, args.tz, args.json) == (
+        cli_boundaries.cmd_hours_set, "Mon-Thu 09:00-12:00,14:00-17:00; Fri 09:00-13:00",
+        "Europe/Berlin", False)
+    args = parser.parse_args(["away", "add", "2026-12-24", "2027-01-02", "--note",
+                              "Winter break"])
+    assert (args.first_day, args.last_day, args.note) == ("2026-12-24", "2027-01-02",
+                                                          "Winter break")
+    assert parser.parse_args(["away", "add", "2026-12-24"]).last_day is None
+    assert parser.parse_args(["away", "remove", "abc"]).id == "abc"
+    args = parser.parse_args(["reply", "--now", "--json", "--to", "sam@example.org", "hi"])
+    assert (args.now, args.json) == (True, True)
+    assert parser.parse_args(["send", "--json", "--urgent", "hi"]).json is True
+    for argv in (["away", "add", "24.12.2026"], ["hours", "set", "Mon 09:00-12:00"],
+                 ["hours"], ["agreement"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+# -- boundaries: what people are told ------------------------------------------------------
+
+TOKYO = ZoneInfo("Asia/Tokyo")
+
+
+def _expectation(**fields: Any) -> Expectation:
+    data: dict[str, Any] = {
+        "alert": "later", "alert_at": "2026-12-16T09:00:00+00:00", "reason": "outside_hours",
+        "reply_by": "2026-12-23T17:00:00+00:00", "used": 1, "allowed": 3, "period": "week",
+        "within_agreement": True, "urgent": False, "crisis_resources": "Call 112.",
+        "summary": "..."}
+    data.update(fields)
+    return Expectation.from_json(data)
+
+
+def test_expectation_in_the_clients_zone_naming_the_therapists() -> None:
+    lines = explain.expectation_lines(_expectation(), local=TOKYO, therapist_tz="Europe/London")
+    assert lines == [
+        "Your therapist will be alerted at Wed 16 Dec 2026, 18:00 JST (09:00 GMT, your "
+        "therapist's time, Europe/London), when their office hours next open.",
+        "Expect a reply by Thu 24 Dec 2026, 02:00 JST (Wed 23 Dec, 17:00 GMT, your "
+        "therapist's time, Europe/London).",
+        "Check-in 1 of 3 agreed this week: within the agreement."]
+    # The same offset needs no second zone.
+    same = explain.expectation_lines(_expectation(), local=ZoneInfo("UTC"),
+                                     therapist_tz="Europe/London")
+    assert same[0].startswith("Your therapist will be alerted at Wed 16 Dec 2026, 09:00 UTC,")
+
+
+def test_expectation_now_never_beyond_and_unlimited() -> None:
+    now = explain.expectation_lines(_expectation(alert="now", reason="in_hours", allowed=None,
+                                                 crisis_resources=None), local=TOKYO)
+    assert now[0] == "Your therapist is being alerted now."
+    assert now[-1] == "Check-in 1 this week; your agreement sets no limit."
+    urgent = explain.expectation_lines(_expectation(alert="now", reason="urgent", urgent=True),
+                                       local=TOKYO)
+    assert urgent[0] == "Your therapist is being alerted now (urgent)."
+    never = explain.expectation_lines(_expectation(alert="never", alert_at=None,
+                                                   reason="no_office_hours", reply_by=None))
+    assert never[0].startswith("No one will be alerted:")
+    assert "There is no reply-by time while your therapist has no office hours ahead." in never
+    beyond = explain.expectation_lines(_expectation(
+        reason="beyond_agreement", used=4, within_agreement=False, urgent=True), local=TOKYO)
+    assert beyond[0] == ("Your therapist will be alerted at Wed 16 Dec 2026, 18:00 JST, in "
+                         "their next digest.")
+    assert "Marking it urgent does not alert your therapist sooner under your agreement." \
+        in beyond
+    assert beyond[-1] == ("Check-in 4 of 3 agreed this week: beyond the agreement. It is still "
+                          "accepted and stored; its alert waits for the next digest.")
+
+
+def test_crisis_box_stands_out_and_keeps_every_word() -> None:
+    text = ("If you are in danger or cannot keep yourself safe, call your local emergency "
+            "number now.\nIn the EU dial 112; in the US call or text 988.")
+    box = explain.crisis_box(text, width=40)
+    assert box[0] == box[-1] == "+" + "-" * 38 + "+"
+    assert all(len(line) == 40 and line.startswith("| ") for line in box[1:-1])
+    assert box[1] == "| IF YOU CANNOT WAIT" + " " * 18 + " |"
+    assert " ".join(" ".join(line[2:-2].split()) for line in box[3:-1]) == " ".join(
+        text.split())
+
+
+def test_digest_and_reminder_notifications_in_words() -> None:
+    assert explain.digest_text({"checkins": 3, "clients": 2, "beyond_agreement": 1,
+                                "urgent": 0}) == (
+        "3 new check-ins from 2 clients, 1 beyond the agreement")
+    assert explain.digest_text({"checkins": 1, "clients": 1, "beyond_agreement": 0,
+                                "urgent": 1}) == "1 new check-in from 1 client, 1 urgent"
+    assert explain.notification_text("digest", None, {"checkins": 2, "clients": 1}) == (
+        "digest: 2 new check-ins from 1 client")
+    assert explain.notification_text(
+        "reminder.reply_due", "Sam", {"reply_by": "2026-12-16T09:00:00+00:00"},
+        local=TOKYO) == "reminder: a reply to Sam is due by Wed 16 Dec 2026, 18:00 JST"
+    assert explain.notification_text("checkin.received", "Sam", None) == (
+        "new check-in from Sam")
+    assert explain.notification_text("reply.received", None, None) == "new reply from someone"
+
+
+def _availability(**fields: Any) -> Availability:
+    data: dict[str, Any] = {
+        "set": True, "tz": "Europe/Berlin", "spec": "Mon-Fri 09:00-17:00", "windows": [],
+        "absences": [{"id": "a1", "first_day": "2026-12-24", "last_day": "2027-01-02",
+                      "note": "Winter break"}],
+        "open_now": False, "next_open": "2026-12-16T08:00:00+00:00", "version": 2}
+    data.update(fields)
+    return Availability.from_json(data)
+
+
+def test_office_hours_as_therapist_and_client_read_them() -> None:
+    unset = _availability(set=False, tz=None, spec=None, absences=[], open_now=True,
+                          next_open=None)
+    assert explain.availability_lines(unset, mine=False) == [
+        "No office hours set: alerts reach your therapist at any time."]
+    assert explain.availability_lines(unset, mine=True)[0] == (
+        "No office hours set: alerts reach you at any time.")
+    closed = explain.availability_lines(_availability(), mine=False, local=TOKYO)
+    assert closed == [
+        "Office hours (Europe/Berlin): Mon-Fri 09:00-17:00",
+        "Open now: no. Next opening: Wed 16 Dec 2026, 17:00 JST (09:00 CET, your therapist's "
+        "time, Europe/Berlin).",
+        "Absences:", "  2026-12-24 to 2027-01-02  Winter break"]
+    mine = explain.availability_lines(_availability(open_now=True), mine=True)
+    assert mine[1:] == ["Open now: yes.", "Absences:",
+                        "  2026-12-24 to 2027-01-02  Winter break  (id a1)"]
+    empty = explain.availability_lines(_availability(spec="", absences=[]), mine=False)
+    assert empty == ["Office hours: none (Europe/Berlin). Your therapist is not alerted to "
+                     "check-ins until they set hours again.", "Absences: none."]
+
+
+def test_agreement_in_words() -> None:
+    agreement = Agreement.from_json({
+        "relationship_id": "r", "version": 4, "checkins_allowed": None,
+        "checkin_period": "day", "reply_window": {"amount": 1, "unit": "business_days"},
+        "urgent_policy": "urgent-anytime",
+        "client_quiet_hours": {"tz": "Europe/Berlin", "start": "21:00", "end": "08:00"},
+        "crisis_resources": None, "crisis_resources_effective": "Call 112."})
+    assert explain.agreement_lines(agreement, peer="Sam <sam@example.org>") == [
+        "Agreement with Sam <sam@example.org> (version 4)",
+        "  check-ins:        no limit (counted per day)",
+        "  reply within:     1 business day",
+        "  urgent:           urgent-anytime: an urgent check-in alerts at once, even outside "
+        "office hours",
+        "  quiet hours:      21:00-08:00 Europe/Berlin (reply alerts to the client wait until "
+        "they end)",
+        "  crisis resources (the practice's default):",
+        "    Call 112."]
+
+
+def test_reply_held_or_delivered() -> None:
+    assert explain.reply_lines(held=True, release_at="2026-12-16T08:00:00+00:00",
+                               deliver_now=False, client="Sam", local=TOKYO) == [
+        "Held: you are outside your office hours, so Sam receives it at Wed 16 Dec 2026, "
+        "17:00 JST, when your hours next open.",
+        "To deliver a reply at once, send it with --now."]
+    assert explain.reply_lines(held=False, release_at="x", deliver_now=True, client="Sam") == [
+        "Delivered now, as asked: Sam can read it at once."]
+
+
+# -- boundaries: the CLI against the fake gateway -----------------------------------------------
+
+@pytest.fixture
+def in_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """This machine's local zone is Asia/Tokyo for the test."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("in_tokyo")
+def test_send_tells_when_the_therapist_is_alerted(fake: FakeGateway, home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    fake.expectation = {
+        "alert": "later", "alert_at": "2026-12-16T09:00:00+00:00", "reason": "outside_hours",
+        "reply_by": None, "used": 2, "allowed": 3, "period": "week", "within_agreement": True,
+        "urgent": False, "crisis_resources": "Call your crisis line.", "summary": "..."}
+    fake.availability = {**_availability(tz="UTC").raw}
+    capsys.readouterr()
+    assert run(home, fake, "send", "a worry") == 0
+    out = capsys.readouterr().out
+    assert "Your therapist will be alerted at Wed 16 Dec 2026, 18:00 JST (09:00 UTC, your " \
+           "therapist's time, UTC)" in out
+    assert "Check-in 2 of 3 agreed this week: within the agreement." in out
+    assert "| IF YOU CANNOT WAIT" in out
+    assert "| Call your crisis line." in out
+
+    assert run(home, fake, "send", "--json", "another") == 0
+    answer = json.loads(capsys.readouterr().out)
+    assert answer["expectation"] == fake.expectation
+    assert answer["kind"] == "checkin"
+
+    fake.expectation = {**fake.expectation, "alert": "now", "crisis_resources": None}
+    assert run(home, fake, "send", "third") == 0
+    out = capsys.readouterr().out
+    assert "Your therapist is being alerted now." in out
+    assert "IF YOU CANNOT WAIT" not in out
+
+
+def test_a_bad_schedule_is_one_line_and_nothing_is_sent(fake: FakeGateway, home: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    before = len(fake.seen)
+    assert run(home, fake, "hours", "set", "Mon-Thu 09:00-12:00; Fri 9-13", "--tz",
+               "Europe/Berlin") == 2
+    assert capsys.readouterr().err == (
+        "interlude-client: invalid office hours: bad window '9-13' in \"Fri 9-13\", "
+        "expected HH:MM-HH:MM\n")
+    assert run(home, fake, "hours", "set", "Mon 09:00-12:00", "--tz", "Europe/Berlinn") == 2
+    assert capsys.readouterr().err == (
+        "interlude-client: invalid office hours: unknown time zone 'Europe/Berlinn'\n")
+    assert run(home, fake, "away", "add", "2027-01-02", "2026-12-24") == 2
+    assert "before the first day" in capsys.readouterr().err
+    assert fake.seen[before:] == []
+
+
+def test_a_client_is_told_to_ask_their_therapist(fake: FakeGateway, home: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "hours", "set", "Mon 09:00-12:00", "--tz", "UTC") == 2
+    assert capsys.readouterr().err == (
+        "interlude-client: only a therapist sets office hours; see "
+        "`interlude-client hours show`\n")
+    fake.availability = _availability(set=False, tz=None, spec=None, absences=[]).raw
+    assert run(home, fake, "hours", "show") == 0
+    assert capsys.readouterr().out == (
+        "No office hours set: alerts reach your therapist at any time.\n")
+
+
+def test_notifications_show_digests_and_reminders(fake: FakeGateway, home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    rel, msg, actor = str(fake.relationship_id), str(uuid.uuid4()), str(fake.client_id)
+    fake.feed = [
+        {"id": str(uuid.uuid4()), "kind": "digest", "relationship_id": None,
+         "message_id": None, "actor_id": None, "actor_name": None,
+         "created_at": "2026-12-16T09:00:00+00:00", "read_at": None,
+         "details": {"checkins": 3, "clients": 2, "beyond_agreement": 1, "urgent": 0}},
+        {"id": str(uuid.uuid4()), "kind": "reminder.reply_due", "relationship_id": rel,
+         "message_id": msg, "actor_id": actor, "actor_name": "Sam",
+         "created_at": "2026-12-16T08:00:00+00:00", "read_at": "2026-12-16T08:30:00+00:00",
+         "details": {"reply_by": "2026-12-17T17:00:00+00:00"}},
+        {"id": str(uuid.uuid4()), "kind": "checkin.received", "relationship_id": rel,
+         "message_id": msg, "actor_id": actor, "actor_name": "Sam",
+         "created_at": "2026-12-15T08:00:00+00:00", "read_at": None, "details": None},
+    ]
+    capsys.readouterr()
+    assert run(home, fake, "notifications") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("* ")
+    assert lines[0].endswith("digest: 3 new check-ins from 2 clients, 1 beyond the agreement")
+    assert lines[1].startswith("  ")
+    assert "reminder: a reply to Sam is due by " in lines[1]
+    assert lines[1].endswith(f"(relationship {rel}, message {msg})")
+    assert "new check-in from Sam" in lines[2]
+    assert run(home, fake, "notifications", "--json") == 0
+    items = json.loads(capsys.readouterr().out)
+    assert [i["details"] for i in items] == [n["details"] for n in fake.feed]
