@@ -177,6 +177,9 @@ async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Ha
     state.handled += 1
 
 
+Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.AbstractQueue]]
+
+
 async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], handler: Handler,
                           state: ConsumerState, *, prefetch: int = 32,
                           max_backoff: float = 5.0) -> None:
@@ -186,6 +189,45 @@ async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], ha
     acked only afterwards. It raises :class:`PoisonMessage` for a message that
     can never succeed, which is then rejected to the dead-letter queue.
     """
+    async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+        return await declare_consumer_queue(channel, queue_name, bindings)
+
+    await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
+                        max_backoff=max_backoff)
+
+
+async def declare_transient_queue(channel: aio_pika.abc.AbstractChannel, name: str,
+                                  bindings: Sequence[str], *,
+                                  max_length: int = 10_000) -> aio_pika.abc.AbstractQueue:
+    """An exclusive, auto-deleted queue bound to ``bindings``: it lives as long as
+    this connection, for a fan-out copy of the events (one per process).
+
+    ``max_length`` bounds what piles up if the consumer stalls (oldest dropped).
+    """
+    events = await declare_exchanges(channel)
+    queue = await channel.declare_queue(name, durable=False, exclusive=True, auto_delete=True,
+                                        arguments={"x-max-length": max_length})
+    for key in bindings:
+        await queue.bind(events, routing_key=key)
+    return queue
+
+
+async def consume_transient_forever(url: str, queue_name: str, bindings: Sequence[str],
+                                    handler: Handler, state: ConsumerState, *,
+                                    prefetch: int = 256, max_backoff: float = 5.0) -> None:
+    """Like :func:`consume_forever`, but on an exclusive auto-delete queue that is
+    declared again after every reconnect. What was published while the
+    connection was down is not in it: the caller must not need it (or recover
+    it some other way)."""
+    async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
+        return await declare_transient_queue(channel, queue_name, bindings)
+
+    await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
+                        max_backoff=max_backoff)
+
+
+async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Handler,
+                        state: ConsumerState, *, prefetch: int, max_backoff: float) -> None:
     backoff = 0.2
     while True:
         connection: aio_pika.abc.AbstractConnection | None = None
@@ -193,7 +235,7 @@ async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], ha
             connection = await connect(url)
             channel = await connection.channel()
             await channel.set_qos(prefetch_count=prefetch)
-            queue = await declare_consumer_queue(channel, queue_name, bindings)
+            queue = await declare(channel)
             state.connected = True
             backoff = 0.2
             log.info("consumer connected", queue=queue_name)

@@ -159,6 +159,21 @@ class CheckinPlan:
         return not self.immediate
 
 
+def _next_digest_time(schedule: WeeklySchedule, now: datetime) -> datetime | None:
+    """For a check-in beyond the agreement that arrives inside office hours: the
+    next opening after the current stretch of office time, or the first office
+    time of the next local day, whichever comes first (so hours that never close,
+    or close only briefly around midnight, still bring a digest once a day)."""
+    stretch = office_windows_between(schedule, now, now + timedelta(days=2))
+    after_stretch = next_alert_time(schedule, stretch[0][1]) if stretch else None
+    zone = load_zone(schedule.tz)
+    tomorrow = datetime.combine(now.astimezone(zone).date() + timedelta(days=1), time(0),
+                                tzinfo=zone).astimezone(UTC)
+    next_day = next_alert_time(schedule, tomorrow)
+    candidates = [t for t in (after_stretch, next_day) if t is not None]
+    return min(candidates) if candidates else None
+
+
 def plan_checkin_alert(schedule: WeeklySchedule | None, agreement: Agreement, now: datetime,
                        *, urgent: bool, beyond: bool) -> CheckinPlan:
     now = now.astimezone(UTC)
@@ -172,10 +187,7 @@ def plan_checkin_alert(schedule: WeeklySchedule | None, agreement: Agreement, no
             return CheckinPlan(now, True, "in_hours")
         if urgent:
             return CheckinPlan(now, True, "urgent")
-        # Beyond the agreement: into the digest at the opening of the next window.
-        current = office_windows_between(schedule, now, now + timedelta(days=8))
-        after = current[0][1] if current else now
-        return CheckinPlan(next_alert_time(schedule, after), False, "beyond_agreement")
+        return CheckinPlan(_next_digest_time(schedule, now), False, "beyond_agreement")
     at = next_alert_time(schedule, now)
     if at is None:
         return CheckinPlan(None, False, "no_office_hours")

@@ -12,6 +12,7 @@ from services.gateway.auth import auth_middleware
 from services.gateway.proxy import setup_proxy_routes
 from services.gateway.ratelimit import FailureLimiter
 from services.gateway.store import GatewayStore
+from services.gateway.stream import setup_stream
 from services.gateway.typedefs import LIMITER, MESSAGING, NOTIFIER, POOL, SETTINGS, STORE
 from services.gateway.upstream import Upstream
 from shared.db import check_database, create_pool
@@ -64,4 +65,6 @@ def create_app(settings: Settings) -> web.Application:
     add_health_routes(app, _ready)
     setup_account_routes(app)
     setup_proxy_routes(app)
+    # Last cleanup context: its consumer stops first, before the pool closes.
+    setup_stream(app)
     return app

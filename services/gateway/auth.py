@@ -8,12 +8,15 @@ import structlog
 from aiohttp import web
 
 from services.gateway.store import InvalidToken
+from services.gateway.stream import STREAM_PATH
 from services.gateway.typedefs import CALLER, STORE
 from shared.internal_auth import Identity
 from shared.web import REQUEST_ID, ApiError, Handler
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/v1/enroll", "/v1/auth/login",
                           "/v1/auth/refresh"})
+# Authenticates itself: a browser cannot set headers on a WebSocket (docs/stream.md).
+SELF_AUTHENTICATING_PATHS = frozenset({STREAM_PATH})
 
 
 def bearer_token(request: web.Request) -> str:
@@ -27,7 +30,7 @@ def bearer_token(request: web.Request) -> str:
 
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path in PUBLIC_PATHS:
+    if request.path in PUBLIC_PATHS or request.path in SELF_AUTHENTICATING_PATHS:
         return await handler(request)
     token = bearer_token(request)
     try:

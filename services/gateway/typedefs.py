@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import asyncpg
 from aiohttp import web
 
@@ -10,6 +12,9 @@ from services.gateway.store import Caller, GatewayStore
 from services.gateway.upstream import Upstream
 from shared.settings import Settings
 
+if TYPE_CHECKING:
+    from services.gateway.stream import StreamHub
+
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool", asyncpg.Pool)
 STORE: web.AppKey[GatewayStore] = web.AppKey("store", GatewayStore)
@@ -17,3 +22,5 @@ MESSAGING: web.AppKey[Upstream] = web.AppKey("messaging", Upstream)
 NOTIFIER: web.AppKey[Upstream] = web.AppKey("notifier", Upstream)
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
+# The stream module imports this one; its hub is known here by name only.
+STREAM_HUB: web.AppKey[StreamHub] = web.AppKey("stream_hub")

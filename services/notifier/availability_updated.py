@@ -9,13 +9,12 @@ under the new hours becomes due now; the scheduler delivers it at its next tick.
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from services.notifier.store import EventTransaction, HeldAlert, PendingReminder
 from shared.boundaries import (
     Agreement,
     client_alert_time,
-    plan_checkin_alert,
     reminder_time,
     reply_release_time,
 )
@@ -23,9 +22,7 @@ from shared.events import AvailabilityEventData, Event, MalformedEvent, decode_d
 from shared.schedule import (
     ScheduleError,
     WeeklySchedule,
-    is_open,
     next_alert_time,
-    office_windows_between,
 )
 
 
@@ -39,29 +36,16 @@ def decode(event: Event) -> tuple[AvailabilityEventData, WeeklySchedule | None]:
         raise MalformedEvent(f"availability schedule: {exc}") from None
 
 
-def _open_since(schedule: WeeklySchedule, since: datetime, now: datetime) -> bool:
-    """Whether the therapist has been open without a break from ``since`` to ``now``."""
-    if not is_open(schedule, now):
-        return False
-    if since >= now:
-        return True
-    return office_windows_between(schedule, since, now + timedelta(microseconds=1)) == [
-        (since, now + timedelta(microseconds=1))]
-
-
 def recheck_checkin(schedule: WeeklySchedule | None, now: datetime,
                     alert: HeldAlert) -> datetime | None:
     """When a held check-in alert is due under new hours (None: no office time ahead).
 
-    It is due at the next open instant, which is now if the new hours are open
-    now; except that a check-in held for being beyond the agreement while the
-    therapist was open still waits for the window after the one it came in.
+    Changed hours release every held check-in at their next open instant: now
+    if the new hours are open now. (A check-in beyond the agreement goes into
+    that digest too: the therapist has just looked at their hours.)
     """
     if schedule is None:
         return now
-    if alert.beyond and not alert.urgent and _open_since(schedule, alert.created_at, now):
-        return plan_checkin_alert(schedule, Agreement(), now, urgent=False,
-                                  beyond=True).alert_at
     return next_alert_time(schedule, now)
 
 

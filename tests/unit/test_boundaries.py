@@ -144,3 +144,13 @@ def test_agreement_round_trips_and_refuses_nonsense() -> None:
 def test_malformed_agreement_json_is_one_kind_of_error(bad: object) -> None:
     with pytest.raises(ValueError, match=r"agreement|must|checkins"):
         Agreement.from_json(bad)  # type: ignore[arg-type]
+
+
+def test_beyond_the_agreement_in_hours_that_never_close_waits_for_the_next_day() -> None:
+    always = WeeklySchedule.parse("Mon-Sun 00:00-24:00", "Europe/Berlin")
+    plan = plan_checkin_alert(always, DEFAULT, WED_10, urgent=False, beyond=True)
+    assert plan.alert_at == datetime(2026, 12, 2, 23, 0, tzinfo=UTC)  # Thursday 00:00 local
+    late = WeeklySchedule.parse("Mon-Sun 20:00-02:00", "UTC")
+    at = datetime(2026, 12, 2, 21, 0, tzinfo=UTC)
+    assert plan_checkin_alert(late, DEFAULT, at, urgent=False, beyond=True).alert_at == (
+        datetime(2026, 12, 3, 0, 0, tzinfo=UTC))

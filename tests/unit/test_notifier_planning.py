@@ -203,15 +203,16 @@ def test_new_hours_closed_now_move_a_held_checkin_to_their_opening() -> None:
                                                 held()) is None
 
 
-def test_a_checkin_beyond_the_agreement_in_an_open_stretch_still_waits() -> None:
+def test_changed_hours_release_a_checkin_beyond_the_agreement_too() -> None:
     alert = held(beyond=True, created_at=IN_HOURS)
-    # Hours extended while the therapist is open: still the next window.
+    # The therapist just changed their hours while open: it goes into a digest now.
     longer = WeeklySchedule.parse("Mon-Fri 08:00-18:00", "UTC")
-    assert availability_updated.recheck_checkin(longer, IN_HOURS + timedelta(minutes=5),
-                                                alert) == TUESDAY_OPENING.replace(hour=8)
-    # In a later window it is due.
-    assert availability_updated.recheck_checkin(longer, TUESDAY_OPENING, alert) == \
-        TUESDAY_OPENING
+    now = IN_HOURS + timedelta(minutes=5)
+    assert availability_updated.recheck_checkin(longer, now, alert) == now
+    # Closed now under the new hours: the next opening.
+    mornings = WeeklySchedule.parse("Mon-Fri 08:00-09:00", "UTC")
+    assert availability_updated.recheck_checkin(mornings, now, alert) == \
+        TUESDAY_OPENING.replace(hour=8)
 
 
 def test_a_held_reply_not_yet_released_follows_new_hours() -> None:
