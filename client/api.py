@@ -387,7 +387,10 @@ class GatewayClient:
                              data.get("release_at"), bool(data.get("held")))
 
     async def messages_page(self, relationship_id: uuid.UUID, *, cursor: str | None = None,
-                            limit: int | None = None) -> tuple[list[Message], str | None]:
+                            limit: int | None = None
+                            ) -> tuple[list[Message], str | None, list[Message]]:
+        """One page in delivery order, its next cursor, and the caller's own replies
+        still held for office hours (listed apart: they are not delivered yet)."""
         params = {}
         if cursor:
             params["cursor"] = cursor
@@ -395,19 +398,25 @@ class GatewayClient:
             params["limit"] = str(limit)
         data = (await self._call("GET", f"/v1/relationships/{relationship_id}/messages",
                                  params=params)).data
-        return [Message.from_json(m) for m in data["items"]], data.get("next_cursor")
+        return ([Message.from_json(m) for m in data["items"]], data.get("next_cursor"),
+                [Message.from_json(m) for m in data.get("held", [])])
 
     async def messages(self, relationship_id: uuid.UUID, *,
                        page_size: int = 200) -> AsyncIterator[Message]:
-        """Every message of a relationship, oldest first, following the cursors."""
+        """Every message of a relationship in delivery order, following the cursors,
+        then the caller's own replies still held for office hours."""
         cursor: str | None = None
+        held: list[Message] = []
         while True:
-            items, cursor = await self.messages_page(relationship_id, cursor=cursor,
-                                                     limit=page_size)
+            items, cursor, page_held = await self.messages_page(relationship_id, cursor=cursor,
+                                                                limit=page_size)
+            held = held or page_held
             for item in items:
                 yield item
             if not cursor or not items:
-                return
+                break
+        for item in held:
+            yield item
 
     # -- notifications --------------------------------------------------------
 

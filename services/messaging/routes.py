@@ -265,12 +265,14 @@ async def list_messages(request: web.Request) -> web.Response:
     rel = await member_relationship(request)
     limit = query_int(request, "limit", 50, low=1, high=200)
     after = query_int(request, "cursor", 0, low=0, high=2**62)
-    messages = await _store(request).list_messages(
-        rel.id, viewer_id=identity_of(request).user_id, after_seq=after, limit=limit,
+    messages, held = await _store(request).list_messages(
+        rel.id, viewer_id=identity_of(request).user_id, after=after, limit=limit,
         now=datetime.now(UTC))
-    next_cursor = str(messages[-1].seq) if len(messages) == limit else None
+    last = messages[-1].delivery_seq if messages else None
+    next_cursor = str(last) if len(messages) == limit and last is not None else None
     return web.json_response({"items": [message_json(m) for m in messages],
-                              "next_cursor": next_cursor})
+                              "next_cursor": next_cursor,
+                              "held": [message_json(m) for m in held]})
 
 
 def setup_routes(app: web.Application) -> None:

@@ -111,6 +111,7 @@ class StoredMessage:
     created_at: datetime
     visible_at: datetime
     terms: dict[str, Any] | None  # what the sender was told when it was accepted
+    delivery_seq: int | None      # its place in the delivery order; None while held
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +188,7 @@ def _message(row: asyncpg.Record) -> StoredMessage:
     return StoredMessage(row["id"], row["seq"], row["relationship_id"], row["kind"],
                          row["sender_id"], row["sender_device_id"], row["urgent"],
                          row["sent_at"], bytes(row["envelope"]), row["created_at"],
-                         row["visible_at"], row["terms"])
+                         row["visible_at"], row["terms"], row["delivery_seq"])
 
 
 class MessagingStore:
@@ -380,9 +381,10 @@ class MessagingStore:
             row = await conn.fetchrow(
                 "INSERT INTO messaging.messages (id, relationship_id, kind, sender_id,"
                 " sender_device_id, urgent, sent_at, envelope, envelope_sha256,"
-                " beyond_agreement, reply_by, deliver_now, visible_at, terms)"
+                " beyond_agreement, reply_by, deliver_now, visible_at, terms, delivery_seq)"
                 " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                " coalesce($13, now()), $14)"
+                " coalesce($13, now()), $14, CASE WHEN coalesce($13, now()) <= now()"
+                " THEN nextval('messaging.delivery_seq') END)"
                 " ON CONFLICT (id) DO NOTHING RETURNING *",
                 message.id, rel.id, message.kind, message.sender_id,
                 message.sender_device_id, message.urgent, message.sent_at, message.envelope,
@@ -412,15 +414,27 @@ class MessagingStore:
             return _message(row), True
 
     async def list_messages(self, relationship_id: uuid.UUID, *, viewer_id: uuid.UUID,
-                            after_seq: int, limit: int, now: datetime) -> list[StoredMessage]:
-        """Messages in order, up to (not including) the first one still held from the
-        viewer, so that a cursor never skips a reply released later."""
-        rows = await self.pool.fetch(
-            "SELECT * FROM messaging.messages WHERE relationship_id = $1 AND seq > $2"
-            " AND seq < coalesce((SELECT min(seq) FROM messaging.messages"
-            "   WHERE relationship_id = $1 AND kind = 'reply' AND sender_id <> $4"
-            "   AND visible_at > $5), 9223372036854775807)"
-            " ORDER BY seq LIMIT $3",
-            relationship_id, after_seq, limit, viewer_id, now,
-        )
-        return [_message(r) for r in rows]
+                            after: int, limit: int, now: datetime
+                            ) -> tuple[list[StoredMessage], list[StoredMessage]]:
+        """``(messages, held)``: messages in delivery order after the cursor
+        ``after``, and the viewer's own replies still held for office hours.
+
+        Replies whose time has come are given their place in the delivery order
+        first, so a reader's cursor never skips one.
+        """
+        async with self.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE messaging.messages SET delivery_seq = nextval('messaging.delivery_seq')"
+                " WHERE id IN (SELECT id FROM messaging.messages WHERE relationship_id = $1"
+                " AND delivery_seq IS NULL AND visible_at <= $2"
+                " ORDER BY visible_at, seq FOR UPDATE SKIP LOCKED)",
+                relationship_id, now)
+            rows = await conn.fetch(
+                "SELECT * FROM messaging.messages WHERE relationship_id = $1"
+                " AND delivery_seq > $2 ORDER BY delivery_seq LIMIT $3",
+                relationship_id, after, limit)
+            held = await conn.fetch(
+                "SELECT * FROM messaging.messages WHERE relationship_id = $1"
+                " AND delivery_seq IS NULL AND sender_id = $2 ORDER BY seq",
+                relationship_id, viewer_id)
+        return [_message(r) for r in rows], [_message(r) for r in held]

@@ -218,15 +218,30 @@ async def test_replies_outside_hours_are_held_until_the_window_opens(stack: Stac
             await stack.envelope(therapist, rid, "now")).decode(), "deliver_now": True})
     assert status == 201
     assert now_reply["held"] is False
-    _, seen_by_client = await stack.call("GET", f"/v1/relationships/{rid}/messages", client)
-    _, seen_by_therapist = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
-    assert [m["kind"] for m in seen_by_therapist["items"]] == ["checkin", "reply", "reply"]
-    # The held reply blocks what follows it, so a cursor never skips it.
-    assert [m["kind"] for m in seen_by_client["items"]] == ["checkin"]
-    # The therapist opens their hours now: the held reply is released.
+    # The client keeps writing while the reply waits.
+    await checkin(stack, client, rid, "second")
+
+    def ids(page: dict) -> list[str]:
+        return [m["id"] for m in page["items"]]
+
+    _, by_client = await stack.call("GET", f"/v1/relationships/{rid}/messages", client)
+    _, by_therapist = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
+    # Nothing held hides what came after it; the therapist sees their held reply apart.
+    assert [m["kind"] for m in by_client["items"]] == ["checkin", "reply", "checkin"]
+    assert by_client["held"] == []
+    assert ids(by_therapist) == ids(by_client)
+    assert [m["id"] for m in by_therapist["held"]] == [held["id"]]
+    # A reader that remembers its cursor picks the held reply up when it is released.
+    _, page = await stack.call("GET", f"/v1/relationships/{rid}/messages?limit=3", client)
+    cursor = page["next_cursor"]
+    assert cursor is not None
     await set_hours(stack, therapist, ALWAYS)
-    _, seen_by_client = await stack.call("GET", f"/v1/relationships/{rid}/messages", client)
-    assert [m["kind"] for m in seen_by_client["items"]] == ["checkin", "reply", "reply"]
+    _, after = await stack.call(
+        "GET", f"/v1/relationships/{rid}/messages?cursor={cursor}", client)
+    assert ids(after) == [held["id"]]
+    _, by_therapist = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
+    assert by_therapist["held"] == []
+    assert len(by_therapist["items"]) == 4
 
 
 async def test_availability_changes_are_announced(stack: Stack) -> None:
