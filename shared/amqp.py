@@ -91,6 +91,7 @@ class Publisher:
         self._url = url
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._exchange: aio_pika.abc.AbstractExchange | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
         # Concurrent publishes share one connection; only one of them may make it.
         self._lock = asyncio.Lock()
 
@@ -105,11 +106,24 @@ class Publisher:
             channel = await self._connection.channel(publisher_confirms=True,
                                                      on_return_raises=True)
             self._exchange = await declare_exchanges(channel)
+            self._channel = channel
             return self._exchange
 
     @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed
+
+    async def check(self, timeout: float = 3.0) -> None:
+        """Raise unless the broker answers now: a passive declare is a round trip, so
+        a connection the broker has dropped is noticed here, not at the next publish."""
+        try:
+            await asyncio.wait_for(self.ensure(), timeout)
+            assert self._channel is not None
+            await self._channel.declare_exchange(EVENTS_EXCHANGE, passive=True,
+                                                 timeout=timeout)
+        except BaseException:
+            await self.close()
+            raise
 
     async def publish(self, routing_key: str, body: bytes, *, message_id: str,
                       correlation_id: str | None = None, timeout: float = 10.0) -> None:

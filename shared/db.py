@@ -53,7 +53,9 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,
     """A pool whose connections decode jsonb and time out commands."""
     pool = await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, command_timeout=command_timeout,
-        init=_init_connection, timeout=10.0,
+        # Connecting (also when the pool replaces a broken connection) gives up
+        # after 5 s, so a request never hangs on a database that is down.
+        init=_init_connection, timeout=5.0,
     )
     assert pool is not None
     return pool

@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
@@ -21,6 +22,12 @@ from pydantic import BaseModel, ValidationError
 from shared.internal_auth import Identity, InternalAuthError, verify_headers
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# What asyncpg raises while Postgres is down, restarting or unreachable.
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, ConnectionError, OSError,
+    TimeoutError,
+)
 log = structlog.get_logger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
@@ -75,6 +82,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             raise
         code = _STATUS_CODES.get(exc.status, "error")
         response = error_response(exc.status, code, exc.reason)
+    except DATABASE_UNAVAILABLE as exc:
+        # The database is down or restarting: nothing was accepted; say when to retry.
+        log.warning("database unavailable", path=request.path, error=exc.__class__.__name__)
+        response = error_response(503, "unavailable", "the service is briefly unavailable; "
+                                  "try again shortly", headers={"Retry-After": "2"})
     except Exception:
         log.exception("unhandled error", path=request.path, method=request.method)
         response = error_response(500, "internal", "internal error")

@@ -1,0 +1,1 @@
+"""Interlude's benchmark: ``make bench`` (``python -m bench.run``) and ``make explain``."""
