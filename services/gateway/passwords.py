@@ -22,8 +22,22 @@ _hasher = PasswordHasher.from_parameters(RFC_9106_LOW_MEMORY)
 _DUMMY_HASH = _hasher.hash("interlude-timing-equaliser")
 
 
+# Each hash holds 64 MiB while it runs: at most this many at once keeps the
+# gateway's memory bounded however many people sign in together.
+MAX_CONCURRENT_HASHES = 2
+_slots: asyncio.Semaphore | None = None
+
+
+def _semaphore() -> asyncio.Semaphore:
+    global _slots  # one per process, made lazily inside the running loop
+    if _slots is None:
+        _slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
+    return _slots
+
+
 async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
+    async with _semaphore():
+        return await asyncio.to_thread(_hasher.hash, password)
 
 
 def _verify(stored: str | None, password: str) -> bool:
@@ -35,7 +49,8 @@ def _verify(stored: str | None, password: str) -> bool:
 
 async def verify_password(stored: str | None, password: str) -> bool:
     """True if ``password`` matches ``stored``; ``None`` (no account) is always False."""
-    return await asyncio.to_thread(_verify, stored, password)
+    async with _semaphore():
+        return await asyncio.to_thread(_verify, stored, password)
 
 
 def hasher_parameters() -> tuple[int, int, int]:
