@@ -18,6 +18,7 @@ from typing import Any, Self
 
 import aiohttp
 
+from client.channels import AddedChannel, Channel, Delivery, added_channel, channel_of
 from client.terms import Absence, Agreement, Availability, Expectation
 
 DEFAULT_TIMEOUT = aiohttp.ClientTimeout(total=30, connect=10)
@@ -491,3 +492,50 @@ class GatewayClient:
         data = (await self._call("PUT", f"/v1/relationships/{relationship_id}/agreement",
                                  body=changes)).data
         return Agreement.from_json(data)
+
+    # -- delivery channels ------------------------------------------------------
+
+    async def channels(self) -> list[Channel]:
+        data = (await self._call("GET", "/v1/channels")).data
+        return [Channel.from_json(c) for c in data["items"]]
+
+    async def add_channel(self, kind: str, target: str,
+                          kinds: list[str] | None = None) -> AddedChannel:
+        """``kind`` "email" (``target`` an address: a code is mailed to it) or "webhook"
+        (``target`` a URL: the answer carries the signing secret, once)."""
+        body: dict[str, Any] = {"type": kind, "address" if kind == "email" else "url": target}
+        if kinds is not None:
+            body["kinds"] = kinds
+        return added_channel((await self._call("POST", "/v1/channels", body=body)).data)
+
+    async def verify_channel(self, channel_id: uuid.UUID, code: str) -> Channel:
+        data = (await self._call("POST", f"/v1/channels/{channel_id}/verify",
+                                 body={"code": code})).data
+        return channel_of(data)
+
+    async def resend_code(self, channel_id: uuid.UUID) -> AddedChannel:
+        data = (await self._call("POST", f"/v1/channels/{channel_id}/resend-code")).data
+        return added_channel(data)
+
+    async def rotate_secret(self, channel_id: uuid.UUID) -> str:
+        data = (await self._call("POST", f"/v1/channels/{channel_id}/rotate-secret")).data
+        return str(data["secret"])
+
+    async def set_channel_kinds(self, channel_id: uuid.UUID, kinds: list[str]) -> Channel:
+        data = (await self._call("PUT", f"/v1/channels/{channel_id}",
+                                 body={"kinds": kinds})).data
+        return channel_of(data)
+
+    async def remove_channel(self, channel_id: uuid.UUID) -> None:
+        await self._call("DELETE", f"/v1/channels/{channel_id}")
+
+    async def deliveries(self, states: tuple[str, ...] = (),
+                         limit: int | None = None) -> list[Delivery]:
+        """The caller's deliveries, newest first; only those in ``states`` if given."""
+        params = {}
+        if states:
+            params["state"] = ",".join(states)
+        if limit:
+            params["limit"] = str(limit)
+        data = (await self._call("GET", "/v1/deliveries", params=params)).data
+        return [Delivery.from_json(d) for d in data["items"]]

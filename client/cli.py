@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from client import cli_boundaries
+from client import cli_boundaries, cli_channels, cli_watch
 from client.account import (
     DEFAULT_SERVER,
     PROG,
@@ -52,6 +52,7 @@ from client.session import (
     default_home,
     home_lock,
 )
+from client.stream import StreamRefused
 from client.trust import (
     TrustError,
     accept_keys,
@@ -457,6 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "email accepts your own new devices)")
 
     cli_boundaries.add_commands(sub)
+    cli_channels.add_commands(sub)
+    cli_watch.add_commands(sub)
     return parser
 
 
@@ -474,8 +477,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("enroll", "login") and not LocalStore(args.home).exists():
             # Before locking, so a mistyped --home does not leave an empty directory behind.
             raise NotEnrolled(f"not enrolled here ({args.home}); run enroll or login")
-        with home_lock(args.home):
-            result: int = asyncio.run(args.func(args))
+        if getattr(args, "locks_home", True):
+            with home_lock(args.home):
+                result: int = asyncio.run(args.func(args))
+        else:  # a long-running command that takes the lock itself, briefly (watch)
+            result = asyncio.run(args.func(args))
         return result
     except TrustError as exc:
         return _fail(str(exc), EXIT_TRUST)
@@ -484,14 +490,15 @@ def main(argv: list[str] | None = None) -> int:
         if exc.status == 401 and exc.code not in ("invalid_credentials", NOT_SIGNED_IN):
             _warn(f"{PROG}: sign in again with `{PROG} login --email EMAIL`")
         return code
-    except ServerUnreachable as exc:
+    except (ServerUnreachable, StreamRefused) as exc:
         return _fail(str(exc), EXIT_API)
     except (KeystoreError, UsageError) as exc:
         return _fail(str(exc), EXIT_USAGE)
     except OSError as exc:
         return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), EXIT_USAGE)
     except KeyboardInterrupt:
-        return 130
+        interrupted: int = getattr(args, "interrupt_code", 130)  # watch: Ctrl-C ends it
+        return interrupted
     except Exception as exc:  # never a traceback; the type says where to look
         return _fail(f"unexpected error ({exc.__class__.__name__}): {exc}", EXIT_API)
 

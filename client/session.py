@@ -8,13 +8,14 @@ pinned keys of the people this user talks to.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import getpass
 import os
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,22 +66,46 @@ def home_lock(home: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[Non
     Two commands refreshing the same token at once would look like token theft to
     the server (reuse ends the session), and two saves would lose one's changes.
     """
-    ensure_home(home)
-    fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = _open_lock(home)
     try:
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UsageError(f"another interlude-client command is using {home}; "
-                                     "try again when it has finished") from None
-                time.sleep(0.1)
+        while not _try_lock(fd, home, deadline):
+            time.sleep(0.1)
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+@contextlib.asynccontextmanager
+async def home_lock_async(home: Path, timeout: float = LOCK_TIMEOUT_SECONDS
+                          ) -> AsyncIterator[None]:
+    """:func:`home_lock` for a long-running command that holds the lock only briefly
+    (``watch``), waiting without blocking its event loop."""
+    fd = _open_lock(home)
+    try:
+        deadline = time.monotonic() + timeout
+        # Another process's lock has no event to await: poll it.
+        while not _try_lock(fd, home, deadline):  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _open_lock(home: Path) -> int:
+    ensure_home(home)
+    return os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+
+
+def _try_lock(fd: int, home: Path, deadline: float) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if time.monotonic() > deadline:
+            raise UsageError(f"another interlude-client command is using {home}; "
+                             "try again when it has finished") from None
+        return False
 
 
 # -- secrets from the environment or the terminal -------------------------------
@@ -175,6 +200,8 @@ class State:
     refresh_token: str | None = None
     keys_published: bool = False
     pins: dict[uuid.UUID, Peer] = field(default_factory=dict)
+    # The newest notification `watch` has shown, to resume the live stream from.
+    last_notification_id: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -187,6 +214,7 @@ class State:
             "refresh_token": self.refresh_token,
             "keys_published": self.keys_published,
             "pins": {str(k): v.to_json() for k, v in self.pins.items()},
+            "last_notification_id": self.last_notification_id,
         }
 
     @classmethod
@@ -203,6 +231,7 @@ class State:
             refresh_token=data.get("refresh_token"),
             keys_published=bool(data.get("keys_published")),
             pins={uuid.UUID(k): Peer.from_json(v) for k, v in data.get("pins", {}).items()},
+            last_notification_id=data.get("last_notification_id"),
         )
 
 
@@ -229,6 +258,13 @@ class LocalStore:
             raise KeystoreError(f"keystore {self.path} holds malformed state ({exc})") from None
         self._passphrase = secret
         return state
+
+    def reload(self) -> State:
+        """Open the keystore again with the passphrase already given (another command
+        may have changed it meanwhile)."""
+        if self._passphrase is None:
+            raise RuntimeError("reload before load or create")
+        return self.load(self._passphrase)
 
     def create(self, state: State, passphrase: str) -> None:
         """Write a new keystore; refuses to overwrite an existing one."""

@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from services.runner import SERVICES, load_or_exit, run_service
+
+if TYPE_CHECKING:
+    from services.notifier.deliveries_store import Delivery
 
 PROG = "interlude"
 
@@ -81,6 +85,61 @@ def cmd_create_therapist(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _deliveries(states: list[str], limit: int) -> list[tuple[Delivery, str]]:
+    from services.notifier.deliveries_store import DeliveryStore
+    from shared.db import create_pool
+
+    settings = load_or_exit(PROG)
+    pool = await create_pool(settings.database_url, max_size=1)
+    try:
+        rows = await DeliveryStore(pool).for_operator(states=states, limit=limit)
+    finally:
+        await pool.close()
+    return rows
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ") if value else "-"
+
+
+def cmd_deliveries(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from services.notifier.deliveries_store import UNDELIVERED
+
+    states = sorted(set(args.state or []) | (set(UNDELIVERED) if args.failed else set()))
+    if not states:
+        states = list(UNDELIVERED)
+    try:
+        rows = asyncio.run(_deliveries(states, args.limit))
+    except (OSError, asyncpg.PostgresError) as exc:
+        return _fail(f"database error: {exc.__class__.__name__}: {exc}")
+    if not rows:
+        print(f"no deliveries in state {', '.join(states)}")
+        return 0
+    header = ("DELIVERY", "USER", "CHANNEL", "TYPE", "STATE", "ATTEMPTS", "UPDATED",
+              "NEXT ATTEMPT", "LAST ERROR")
+    table: list[tuple[str, ...]] = [header]
+    for delivery, channel_type in rows:
+        table.append((str(delivery.id), str(delivery.user_id), str(delivery.channel_id),
+                      channel_type, delivery.state, str(delivery.attempts),
+                      _when(delivery.updated_at), _when(delivery.next_attempt_at),
+                      (delivery.last_error or "-")[:60]))
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+              .rstrip())
+    print(f"{len(rows)} deliver{'y' if len(rows) == 1 else 'ies'}"
+          f"{' (limit reached)' if len(rows) == args.limit else ''}")
+    return 0
+
+
+def _positive(raw: str) -> int:
+    if not raw.isdigit() or int(raw) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Run and administer Interlude's services. Settings come "
@@ -102,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     therapist.add_argument("--email", required=True)
     therapist.add_argument("--name", required=True)
     therapist.set_defaults(func=cmd_create_therapist)
+
+    deliveries = admin_sub.add_parser(
+        "deliveries", help="list alert deliveries to email and webhook channels (default: the"
+        " failed and dead ones)",
+        description="Print a table of notification deliveries across all users, most recently"
+        " changed first. A 'failed' delivery is being retried with backoff; a 'dead' one was"
+        " given up (attempts used up, refused for good, or its channel removed). Shows ids,"
+        " states and errors only, never addresses, URLs or content.")
+    deliveries.add_argument("--failed", action="store_true",
+                            help="deliveries that failed: state failed or dead (the default)")
+    deliveries.add_argument("--state", action="append",
+                            choices=["pending", "failed", "sent", "dead"],
+                            help="deliveries in this state (repeatable; adds to --failed)")
+    deliveries.add_argument("--limit", type=_positive, default=100,
+                            help="print at most this many (default 100)")
+    deliveries.set_defaults(func=cmd_deliveries)
     return parser
 
 

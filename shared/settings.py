@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from email.utils import parseaddr
 from urllib.parse import urlsplit
 
 from shared.boundaries import DEFAULT_CRISIS_RESOURCES, MAX_CRISIS_TEXT
@@ -20,10 +21,25 @@ DEV_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 DEV_INTERNAL_KEY = "interlude-development-internal-key-do-not-use-in-production"
 MIN_INTERNAL_KEY_LENGTH = 32
 ENVIRONMENTS = ("development", "production")
+SMTP_SECURITY = ("none", "starttls", "tls")
+_SMTP_DEFAULT_PORTS = {"none": 25, "starttls": 587, "tls": 465}
 
 
 class SettingsError(ValueError):
     """A setting is missing or invalid; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class SmtpSettings:
+    """The SMTP relay the notifier sends email through."""
+
+    host: str
+    port: int
+    security: str                 # one of SMTP_SECURITY
+    sender: str                   # the From address
+    timeout: float                # seconds, per connection and per command
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +58,11 @@ class Settings:
     outbox_poll_seconds: float
     crisis_resources: str
     trusted_proxy_hops: int
+    # None: no SMTP relay, so no email channels.
+    smtp: SmtpSettings | None = None
+    # Where people open Interlude; the only link an alert email carries.
+    public_url: str | None = None
+    webhook_timeout: float = 10.0
 
     @property
     def is_production(self) -> bool:
@@ -69,6 +90,61 @@ def _url(env: Mapping[str, str], name: str, default: str | None, schemes: tuple[
     if parts.scheme not in schemes or not parts.hostname:
         raise SettingsError(f"{name} must be a {' or '.join(schemes)} URL with a host")
     return raw
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float, low: float,
+             high: float) -> float:
+    raw = env.get(name) or ""
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not low <= value <= high:
+        raise SettingsError(f"{name} must be between {low:g} and {high:g} seconds")
+    return value
+
+
+def _smtp(env: Mapping[str, str], production: bool) -> SmtpSettings | None:
+    host = (env.get("INTERLUDE_SMTP_HOST") or "").strip()
+    if not host:
+        stray = sorted(name for name in ("INTERLUDE_SMTP_USERNAME", "INTERLUDE_SMTP_PASSWORD",
+                                         "INTERLUDE_SMTP_FROM", "INTERLUDE_SMTP_PORT")
+                       if env.get(name))
+        if stray:
+            raise SettingsError(f"INTERLUDE_SMTP_HOST is required when {stray[0]} is set")
+        return None
+    security = env.get("INTERLUDE_SMTP_SECURITY") or "starttls"
+    if security not in SMTP_SECURITY:
+        raise SettingsError(f"INTERLUDE_SMTP_SECURITY must be one of {', '.join(SMTP_SECURITY)},"
+                            f" got {security!r}")
+    port = _port(env, "INTERLUDE_SMTP_PORT", _SMTP_DEFAULT_PORTS[security])
+    username = env.get("INTERLUDE_SMTP_USERNAME") or None
+    password = env.get("INTERLUDE_SMTP_PASSWORD") or None
+    if (username is None) != (password is None):
+        raise SettingsError("INTERLUDE_SMTP_USERNAME and INTERLUDE_SMTP_PASSWORD must be set"
+                            " together")
+    if production and username is not None and security == "none":
+        raise SettingsError("INTERLUDE_SMTP_SECURITY=none would send INTERLUDE_SMTP_PASSWORD"
+                            " in clear; use starttls or tls in production")
+    sender = (env.get("INTERLUDE_SMTP_FROM") or "").strip()
+    if not sender:
+        raise SettingsError("INTERLUDE_SMTP_FROM is required when INTERLUDE_SMTP_HOST is set")
+    _, address = parseaddr(sender)
+    if "@" not in address or any(c in sender for c in "\r\n"):
+        raise SettingsError(f"INTERLUDE_SMTP_FROM must be an email address, got {sender!r}")
+    timeout = _seconds(env, "INTERLUDE_SMTP_TIMEOUT", 10.0, 1, 120)
+    return SmtpSettings(host=host, port=port, security=security, sender=sender,
+                        timeout=timeout, username=username, password=password)
+
+
+def _public_url(env: Mapping[str, str], production: bool) -> str | None:
+    raw = env.get("INTERLUDE_PUBLIC_URL") or ""
+    if not raw:
+        return None
+    schemes = ("https",) if production else ("https", "http")
+    return _url(env, "INTERLUDE_PUBLIC_URL", None, schemes).rstrip("/")
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -163,4 +239,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         outbox_poll_seconds=poll,
         crisis_resources=crisis,
         trusted_proxy_hops=int(raw_hops),
+        smtp=_smtp(env, production),
+        public_url=_public_url(env, production),
+        webhook_timeout=_seconds(env, "INTERLUDE_WEBHOOK_TIMEOUT", 10.0, 1, 60),
     )

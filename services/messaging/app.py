@@ -10,7 +10,7 @@ from aiohttp import web
 
 from services.messaging.boundaries_routes import setup_boundary_routes
 from services.messaging.boundaries_store import BoundariesStore
-from services.messaging.relay import OutboxRelay
+from services.messaging.relay import messaging_relay
 from services.messaging.routes import setup_routes
 from services.messaging.store import MessagingStore
 from services.messaging.typedefs import (
@@ -43,8 +43,8 @@ async def _relay(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     publisher = Publisher(settings.amqp_url)
     app[PUBLISHER] = publisher
-    relay = OutboxRelay(app[POOL], publisher, settings.database_url,
-                        settings.outbox_poll_seconds)
+    relay = messaging_relay(app[POOL], publisher, settings.database_url,
+                            settings.outbox_poll_seconds)
     app[RELAY] = relay
     app[RELAY_TASK] = asyncio.create_task(relay.run(), name="outbox-relay")
     yield
@@ -63,7 +63,7 @@ async def _ready(app: web.Application) -> dict[str, str]:
     if not app[RELAY].state.listening:
         problems["database_listen"] = "not listening"
     try:
-        await asyncio.wait_for(app[PUBLISHER].ensure(), 3.0)
+        await app[PUBLISHER].check()
     except Exception as exc:  # readiness reports any failure to reach the broker
         problems["broker"] = exc.__class__.__name__
     return problems

@@ -8,9 +8,9 @@ import asyncpg
 from aiohttp import web
 
 from services.messaging.boundaries_store import BoundariesStore
-from services.messaging.relay import OutboxRelay
 from services.messaging.store import MessagingStore
 from shared.amqp import Publisher
+from shared.outbox import OutboxRelay
 from shared.settings import Settings
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)

@@ -16,13 +16,21 @@ from typing import Any
 
 import asyncpg
 
+from services.notifier.deliveries_store import enqueue_deliveries
 from shared.boundaries import Agreement
+from shared.events import NOTIFICATION_CREATED, NotificationEventData, new_event
+from shared.outbox import Outbox, add_events
 from shared.schedule import WeeklySchedule
 
 CHECKIN_RECEIVED = "checkin.received"
 REPLY_RECEIVED = "reply.received"
 DIGEST = "digest"
 REMINDER_REPLY_DUE = "reminder.reply_due"
+
+KINDS = (CHECKIN_RECEIVED, REPLY_RECEIVED, DIGEST, REMINDER_REPLY_DUE)
+
+# notification.created events for live streams, relayed by the notifier itself.
+NOTIFIER_OUTBOX = Outbox(schema="notifier", channel="notifier_outbox")
 
 HELD_CHECKIN = "checkin"
 HELD_REPLY = "reply"
@@ -188,8 +196,15 @@ def schedule_from_row(value: Any) -> WeeklySchedule | None:
 async def insert_notifications(conn: asyncpg.Connection,
                                notifications: Sequence[NewNotification]) -> list[uuid.UUID]:
     """Insert ``notifications``; returns their ids (an existing one for a repeat of an
-    event and recipient, which the unique key refuses to create twice)."""
+    event and recipient, which the unique key refuses to create twice).
+
+    Every notification this creates is also, in the same transaction, announced
+    by a ``notification.created`` event in the notifier's outbox and queued for
+    delivery to each verified channel of its user that takes its kind; a repeat
+    creates neither again. This is the one place notifications are made.
+    """
     ids: list[uuid.UUID] = []
+    created: list[tuple[uuid.UUID, NewNotification]] = []
     for n in notifications:
         new_id = await conn.fetchval(
             "/* insert_notifications */ INSERT INTO notifier.notifications"
@@ -204,7 +219,16 @@ async def insert_notifications(conn: asyncpg.Connection,
             new_id = await conn.fetchval(
                 "/* insert_notifications */ SELECT id FROM notifier.notifications"
                 " WHERE event_id = $1 AND user_id = $2", n.event_id, n.user_id)
+        else:
+            created.append((new_id, n))
         ids.append(new_id)
+    await add_events(conn, NOTIFIER_OUTBOX, [
+        new_event(NOTIFICATION_CREATED, NotificationEventData(
+            notification_id=new_id, user_id=n.user_id, kind=n.kind,
+            relationship_id=n.relationship_id, message_id=n.message_id, actor_id=n.actor_id,
+            details=n.details, created_at=n.created_at,
+        ), str(n.event_id or new_id)) for new_id, n in created])
+    await enqueue_deliveries(conn, [(new_id, n.user_id, n.kind) for new_id, n in created])
     return ids
 
 

@@ -23,7 +23,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from aiohttp import ClientTimeout, web
 
-from client import cli, cli_boundaries, explain, messages
+from client import cli, cli_boundaries, cli_channels, cli_watch, explain, messages, stream
 from client.api import ApiError, Device, GatewayClient, ServerUnreachable
 from client.crypto import DeviceKeys
 from client.session import LocalStore, PinnedKey, State
@@ -68,6 +68,13 @@ class FakeGateway:
     availability: dict[str, Any] | None = None  # GET .../availability; 404 when None
     feed: list[dict[str, Any]] | None = None  # GET /v1/notifications; a 502 page when None
     seen: list[str] = field(default_factory=list)  # "METHOD /path" of every request
+    channels: list[dict[str, Any]] = field(default_factory=list)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)
+    bodies: list[tuple[str, Any]] = field(default_factory=list)  # channel requests, with body
+    # One script per stream connection, after "ready": frames to send, ("close", code),
+    # ("sleep", seconds); a connection without a script stays open, silent.
+    stream_scripts: list[list[Any]] = field(default_factory=list)
+    streams: list[dict[str, Any]] = field(default_factory=list)  # per connection: after, auth
     access_token: str = "access-1"
     refresh_token: str = "refresh-1"
     url: str = ""
@@ -107,7 +114,7 @@ class FakeGateway:
         @web.middleware
         async def auth(request: web.Request, handler: Any) -> web.StreamResponse:
             self.seen.append(f"{request.method} {request.path}")
-            if request.path not in ("/v1/enroll", "/v1/auth/refresh") \
+            if request.path not in ("/v1/enroll", "/v1/auth/refresh", "/v1/stream") \
                     and not self._authorized(request):
                 return _error(401, "unauthorized", "access token is invalid or expired")
             response: web.StreamResponse = await handler(request)
@@ -200,9 +207,118 @@ class FakeGateway:
                 return web.json_response({"items": self.feed, "next_cursor": None})
             return web.Response(status=502, text="<html>bad gateway</html>")
 
+        self._channel_routes(routes)
+        self._stream_route(routes)
         app = web.Application(middlewares=[auth])
         app.add_routes(routes)
         return app
+
+    def channel(self, kind: str, target: str, *, verified: bool = False,
+                kinds: list[str] | None = None) -> dict[str, Any]:
+        """Add a channel as the server would hold it."""
+        channel = {"id": str(uuid.uuid4()), "type": kind,
+                   ("address" if kind == "email" else "url"): target,
+                   "verified": verified if kind == "email" else True,
+                   "kinds": kinds or ["reply.received"],
+                   "created_at": "2026-12-16T09:00:00+00:00"}
+        self.channels.append(channel)
+        return channel
+
+    def _channel_routes(self, routes: web.RouteTableDef) -> None:
+        def find(request: web.Request) -> dict[str, Any] | None:
+            wanted = request.match_info["cid"]
+            return next((c for c in self.channels if c["id"] == wanted), None)
+
+        async def note(request: web.Request) -> Any:
+            body = await request.json() if request.can_read_body else None
+            self.bodies.append((f"{request.method} {request.path_qs}", body))
+            return body
+
+        @routes.get("/v1/channels")
+        async def channels(request: web.Request) -> web.Response:
+            return web.json_response({"items": self.channels})
+
+        @routes.post("/v1/channels")
+        async def add(request: web.Request) -> web.Response:
+            body = await note(request)
+            target = body.get("address") or body.get("url")
+            channel = self.channel(body["type"], target, kinds=body.get("kinds"))
+            if body["type"] == "email":
+                return web.json_response({"channel": channel, "code_sent": True}, status=201)
+            return web.json_response({"channel": channel, "secret": "whsec_c2VjcmV0LWZha2U="},
+                                     status=201)
+
+        @routes.post("/v1/channels/{cid}/verify")
+        async def verify(request: web.Request) -> web.Response:
+            body = await note(request)
+            channel = find(request)
+            if channel is None:
+                return _error(404, "not_found", "no such channel")
+            if body["code"] == "111111":
+                return _error(410, "code_expired", "the code has expired; ask for a new one")
+            if body["code"] != "123456":
+                return _error(422, "invalid", "field 'code': wrong code (4 attempts left)")
+            channel["verified"] = True
+            return web.json_response({"channel": channel})
+
+        @routes.post("/v1/channels/{cid}/resend-code")
+        async def resend(request: web.Request) -> web.Response:
+            await note(request)
+            return web.json_response({"channel": find(request), "code_sent": True})
+
+        @routes.post("/v1/channels/{cid}/rotate-secret")
+        async def rotate(request: web.Request) -> web.Response:
+            await note(request)
+            return web.json_response({"channel": find(request),
+                                      "secret": "whsec_cm90YXRlZA=="})
+
+        @routes.put("/v1/channels/{cid}")
+        async def kinds(request: web.Request) -> web.Response:
+            body = await note(request)
+            channel = find(request)
+            assert channel is not None
+            channel["kinds"] = body["kinds"]
+            return web.json_response({"channel": channel})
+
+        @routes.delete("/v1/channels/{cid}")
+        async def remove(request: web.Request) -> web.Response:
+            await note(request)
+            self.channels = [c for c in self.channels if c["id"] != request.match_info["cid"]]
+            return web.Response(status=204)
+
+        @routes.get("/v1/deliveries")
+        async def deliveries(request: web.Request) -> web.Response:
+            await note(request)
+            states = request.query.get("state", "").split(",")
+            return web.json_response({"items": [d for d in self.deliveries
+                                                 if d["state"] in states or states == [""]]})
+
+    def _stream_route(self, routes: web.RouteTableDef) -> None:
+        @routes.get("/v1/stream")
+        async def stream(request: web.Request) -> web.WebSocketResponse:
+            ws = web.WebSocketResponse()
+            await ws.prepare(request)
+            first = await ws.receive(timeout=5)
+            auth = json.loads(first.data)
+            self.streams.append({"after": request.query.get("after"), "auth": auth,
+                                 "query": dict(request.query)})
+            script = self.stream_scripts.pop(0) if self.stream_scripts else []
+            if script[:1] == [("close", 4401)] or auth.get("access_token") != self.access_token:
+                await ws.close(code=4401, message=b"unauthorized")
+                return ws
+            await ws.send_json({"type": "ready", "user_id": str(self.client_id),
+                                "role": "client", "heartbeat_seconds": 20})
+            for step in script:
+                if isinstance(step, dict):
+                    await ws.send_json(step)
+                elif step[0] == "close":
+                    await ws.close(code=step[1], message=b"scripted close")
+                    return ws
+                else:
+                    await asyncio.sleep(step[1])
+            async for _ in ws:
+                pass
+            return ws
 
 
 @pytest.fixture
@@ -259,7 +375,7 @@ def load(home: Path) -> State:
 # -- argument parsing -----------------------------------------------------------------
 
 COMMANDS = ["enroll", "login", "logout", "whoami", "relationships", "invite", "send", "reply",
-            "inbox", "notifications", "fingerprint", "trust"]
+            "inbox", "notifications", "fingerprint", "trust", "channels", "watch"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -1002,3 +1118,344 @@ def test_notifications_show_digests_and_reminders(fake: FakeGateway, home: Path,
     assert run(home, fake, "notifications", "--json") == 0
     items = json.loads(capsys.readouterr().out)
     assert [i["details"] for i in items] == [n["details"] for n in fake.feed]
+
+
+# -- channels ---------------------------------------------------------------------------------
+
+def test_parsing_of_channel_commands() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["channels", "add", "webhook", "https://h.example/hook", "--kinds",
+                              "digest, checkin.received,digest"])
+    assert (args.func, args.url, args.kinds) == (cli_channels.cmd_add_webhook,
+                                                 "https://h.example/hook",
+                                                 ["digest", "checkin.received"])
+    args = parser.parse_args(["channels", "add", "email", "me@example.org"])
+    assert (args.func, args.address, args.kinds) == (cli_channels.cmd_add_email,
+                                                     "me@example.org", None)
+    args = parser.parse_args(["channels", "verify", "123 456"])
+    assert (args.func, args.code, args.channel) == (cli_channels.cmd_verify, "123 456", None)
+    args = parser.parse_args(["channels", "kinds", "abc", "reply.received"])
+    assert (args.channel, args.kinds) == ("abc", ["reply.received"])
+    assert parser.parse_args(["channels", "kinds", "abc", "None"]).kinds == []  # paused
+    args = parser.parse_args(["channels", "deliveries", "--failed"])
+    assert (args.failed, args.state, args.limit) == (True, None, 50)
+    assert parser.parse_args(["channels", "deliveries", "--state", "sent,pending"]).state == [
+        "sent", "pending"]
+    for argv in (["channels"], ["channels", "add"], ["channels", "add", "sms", "x"],
+                 ["channels", "add", "email", "a@b.c", "--kinds", "checkin.recieved"],
+                 ["channels", "kinds", "abc", ","], ["channels", "deliveries", "--failed",
+                                                      "--state", "dead"],
+                 ["channels", "deliveries", "--state", "lost"], ["channels", "remove"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+
+
+def test_adding_a_webhook_shows_its_secret_once_and_keeps_it_nowhere(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "channels", "add", "webhook", "https://hooks.example/in",
+               "--kinds", "reply.received") == 0
+    out = capsys.readouterr().out
+    secret = "whsec_c2VjcmV0LWZha2U="
+    assert out.count(secret) == 1
+    assert "store it now; it will not be shown again" in out
+    assert "Standard Webhooks" in out
+    assert "webhook-signature" in out
+    assert fake.bodies[-1] == ("POST /v1/channels", {"type": "webhook",
+                                                     "url": "https://hooks.example/in",
+                                                     "kinds": ["reply.received"]})
+    assert secret not in json.dumps(load(home).to_json())
+    assert secret not in (home / "keystore.json").read_bytes().decode("latin-1")
+
+    assert run(home, fake, "channels", "list") == 0
+    out = capsys.readouterr().out
+    assert secret not in out
+    assert "webhook  https://hooks.example/in  [signed webhook]  kinds: reply.received" in out
+
+    channel_id = fake.channels[0]["id"]
+    assert run(home, fake, "channels", "rotate-secret", channel_id[:8]) == 0
+    out = capsys.readouterr().out
+    assert "whsec_cm90YXRlZA==" in out
+    assert "the old one stops working now" in out
+    assert fake.bodies[-1][0] == f"POST /v1/channels/{channel_id}/rotate-secret"
+
+
+def test_a_client_is_warned_about_kinds_they_never_receive(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "channels", "add", "webhook", "http://127.0.0.1:9/h", "--kinds",
+               "digest,reply.received") == 0
+    assert "a client never receives digest" in capsys.readouterr().err
+
+
+def test_verify_picks_the_only_unverified_email_channel(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "channels", "verify", "123456") == 2
+    assert "no email channel is waiting for a code" in capsys.readouterr().err
+
+    assert run(home, fake, "channels", "add", "email", "sam@example.org") == 0
+    out = capsys.readouterr().out
+    assert "a verification code was sent to sam@example.org" in out
+    assert "channels verify CODE" in out
+    fake.channel("webhook", "https://h.example/x")
+    fake.channel("email", "old@example.org", verified=True)
+    assert run(home, fake, "channels", "resend-code") == 0
+    assert fake.bodies[-1] == (f"POST /v1/channels/{fake.channels[0]['id']}/resend-code", None)
+    assert "a new code was sent to sam@example.org" in capsys.readouterr().out
+    assert run(home, fake, "channels", "verify", " 123 456 ") == 0
+    assert capsys.readouterr().out == (
+        "sam@example.org is verified; it now gets reply.received\n")
+    assert fake.bodies[-1] == (f"POST /v1/channels/{fake.channels[0]['id']}/verify",
+                               {"code": "123456"})
+
+    first = fake.channel("email", "a@example.org")
+    fake.channel("email", "b@example.org")
+    assert run(home, fake, "channels", "verify", "123456") == 2
+    err = capsys.readouterr().err
+    assert "2 email channels wait for a code" in err
+    assert "--channel ID" in err
+    assert run(home, fake, "channels", "verify", "999999", "--channel", "a@example.org") == 1
+    assert "wrong code (4 attempts left)" in capsys.readouterr().err
+    assert run(home, fake, "channels", "verify", "111111", "--channel", "a@example.org") == 1
+    assert capsys.readouterr().err == (
+        "interlude-client: the code has expired; ask for a new one; `interlude-client channels "
+        f"resend-code --channel {first['id']}` mails a new one\n")
+    assert run(home, fake, "channels", "verify", "123456", "--channel", first["id"]) == 0
+    assert run(home, fake, "channels", "verify", "1", "--channel", "https://h.example/x") == 2
+    assert "only email channels have codes" in capsys.readouterr().err
+
+
+def test_list_kinds_remove_and_unknown_channels(fake: FakeGateway, home: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert run(home, fake, "channels", "list") == 0
+    assert capsys.readouterr().out.startswith("no channels: notifications reach you only in "
+                                              "the app")
+    email = fake.channel("email", "Sam@Example.org")
+    hook = fake.channel("webhook", "https://h.example/x", kinds=["reply.received"])
+    assert run(home, fake, "channels", "list", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == [email, hook]
+    assert run(home, fake, "channels", "list") == 0
+    assert "NOT VERIFIED: run `channels verify CODE`" in capsys.readouterr().out
+
+    assert run(home, fake, "channels", "kinds", "sam@example.org", "reply.received") == 0
+    assert fake.bodies[-1] == (f"PUT /v1/channels/{email['id']}", {"kinds": ["reply.received"]})
+    assert capsys.readouterr().out == "Sam@Example.org now gets reply.received\n"
+
+    assert run(home, fake, "channels", "remove", "https://h.example/x") == 0
+    assert fake.bodies[-1] == (f"DELETE /v1/channels/{hook['id']}", None)
+    assert [c["id"] for c in fake.channels] == [email["id"]]
+    before = len(fake.bodies)
+    assert run(home, fake, "channels", "remove", "nothing-like-it") == 2
+    assert "no channel 'nothing-like-it'; see `interlude-client channels list`" in \
+        capsys.readouterr().err
+    assert len(fake.bodies) == before
+
+
+@pytest.mark.usefixtures("in_tokyo")
+def test_deliveries_show_failures_with_their_channel(fake: FakeGateway, home: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    hook = fake.channel("webhook", "https://h.example/x")
+    gone = str(uuid.uuid4())
+
+    def delivery(state: str, channel_id: str, error: str | None) -> dict[str, Any]:
+        return {"id": str(uuid.uuid4()), "channel_id": channel_id,
+                "notification_id": str(uuid.uuid4()), "state": state, "attempts": 3,
+                "last_error": error, "next_attempt_at": "2026-12-16T10:00:00+00:00",
+                "created_at": "2026-12-16T09:00:00+00:00",
+                "updated_at": "2026-12-16T09:30:00+00:00"}
+
+    fake.deliveries = [delivery("failed", hook["id"], "HTTP 500"),
+                       delivery("dead", gone, "channel removed"),
+                       delivery("sent", hook["id"], None)]
+    capsys.readouterr()
+    assert run(home, fake, "channels", "deliveries", "--failed") == 0
+    assert fake.bodies[-1] == ("GET /v1/deliveries?state=failed,dead&limit=50", None)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3
+    assert lines[0] == (
+        f"2026-12-16 18:30 JST  failed   https://h.example/x  notification "
+        f"{fake.deliveries[0]['notification_id']}  attempts 3  next 2026-12-16 19:00 JST  "
+        "last error: HTTP 500")
+    assert f"dead     removed channel {gone}" in lines[1]
+    assert "next" not in lines[1]
+    assert lines[2].startswith("dead deliveries are not retried")
+    fake.deliveries = []
+    assert run(home, fake, "channels", "deliveries", "--failed") == 0
+    assert capsys.readouterr().out == "no failed or dead deliveries\n"
+
+
+# -- watch ----------------------------------------------------------------------------------
+
+def test_stream_url_follows_the_server_scheme() -> None:
+    assert stream.stream_url("http://gw:8080") == "ws://gw:8080/v1/stream"
+    assert stream.stream_url("https://interlude.example/") == "wss://interlude.example/v1/stream"
+    assert stream.stream_url("https://example.org/api", "abc") == (
+        "wss://example.org/api/v1/stream?after=abc")
+    with pytest.raises(ValueError, match="not an http"):
+        stream.stream_url("ftp://x")
+
+
+def test_backoff_doubles_with_jitter_up_to_a_cap() -> None:
+    for attempt, ceiling in ((0, 1.0), (1, 2.0), (3, 8.0), (10, 30.0), (500, 30.0)):
+        delay = stream.backoff_delay(attempt)
+        assert ceiling / 2 <= delay <= ceiling
+
+
+def _notification_frame(kind: str = "reply.received", **fields: Any) -> dict[str, Any]:
+    return {"type": "notification", "notification": {
+        "id": str(uuid.uuid4()), "kind": kind, "relationship_id": None, "message_id": None,
+        "actor_id": None, "details": None, "created_at": "2026-12-16T09:00:00+00:00",
+        **fields}}
+
+
+def _message_frame(fake: FakeGateway, kind: str) -> dict[str, Any]:
+    return {"type": "message", "relationship_id": str(fake.relationship_id),
+            "message_id": str(uuid.uuid4()), "kind": kind,
+            "sent_at": "2026-12-16T09:00:00+00:00"}
+
+
+@pytest.fixture
+def quick_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "BACKOFF_FIRST_SECONDS", 0.01)
+    monkeypatch.setattr(stream, "BACKOFF_MAX_SECONDS", 0.05)
+
+
+def test_watch_prints_json_lines_and_resumes_from_the_last_notification(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    message = _message_frame(fake, "reply")
+    first = _notification_frame(relationship_id=str(fake.relationship_id),
+                                actor_id=str(fake.therapist_id))
+    fake.stream_scripts.append([{"type": "heartbeat", "at": "x"}, message, first])
+    capsys.readouterr()
+    assert run(home, fake, "watch", "--json", "--count", "2", "--timeout", "10") == 0
+    out = capsys.readouterr()
+    assert [json.loads(line) for line in out.out.splitlines()] == [message, first]
+    assert "connected; watching" in out.err
+    assert fake.streams[0]["auth"] == {"type": "auth", "access_token": fake.access_token}
+    assert fake.streams[0]["query"] == {}  # the token goes in the first frame, never the URL
+    assert load(home).last_notification_id == first["notification"]["id"]
+
+    second = _notification_frame("reply.received")
+    fake.stream_scripts.append([second, {"type": "resumed", "after": "x", "count": 1,
+                                         "complete": True}])
+    assert run(home, fake, "watch", "--json", "--once", "--timeout", "10") == 0
+    assert json.loads(capsys.readouterr().out) == second
+    assert fake.streams[1]["after"] == first["notification"]["id"]
+    assert load(home).last_notification_id == second["notification"]["id"]
+
+
+@pytest.mark.usefixtures("in_tokyo")
+def test_watch_in_words(fake: FakeGateway, home: Path,
+                        capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    rel = str(fake.relationship_id)
+    own = _message_frame(fake, "checkin")
+    reply = _message_frame(fake, "reply")
+    notification = _notification_frame(relationship_id=rel, message_id=reply["message_id"],
+                                       actor_id=str(fake.therapist_id))
+    stranger = _message_frame(fake, "reply") | {"relationship_id": str(uuid.uuid4())}
+    fake.stream_scripts.append([own, reply, notification, stranger,
+                                {"type": "error", "code": "bad_message", "message": "huh"}])
+    capsys.readouterr()
+    assert run(home, fake, "watch", "--count", "4", "--timeout", "10") == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"2026-12-16 18:00 JST  message: you sent a check-in to Dr T  (relationship {rel}, "
+        f"message {own['message_id']})",
+        "2026-12-16 18:00 JST  message: new reply from Dr T; `interlude-client inbox` shows it"
+        f"  (relationship {rel}, message {reply['message_id']})",
+        f"2026-12-16 18:00 JST  notification: new reply from Dr T  (relationship {rel}, "
+        f"message {reply['message_id']})",
+        f"2026-12-16 18:00 JST  message: new reply  (relationship "
+        f"{stranger['relationship_id']}, message {stranger['message_id']})"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.usefixtures("quick_backoff")
+def test_watch_reconnects_after_a_restart_and_resumes(
+        fake: FakeGateway, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    seen = _notification_frame()
+    later = _notification_frame()
+    fake.stream_scripts += [[seen, ("close", 1001)], [("close", 1013)], [later]]
+    capsys.readouterr()
+    assert run(home, fake, "watch", "--json", "--count", "2", "--timeout", "10") == 0
+    out, err = capsys.readouterr()
+    assert [json.loads(line) for line in out.splitlines()] == [seen, later]
+    assert [s["after"] for s in fake.streams] == [None, seen["notification"]["id"],
+                                                  seen["notification"]["id"]]
+    assert "connection lost (closed with 1001: scripted close); reconnecting in 0 s" in err
+    assert "reconnected" in err
+
+
+def test_watch_refreshes_the_session_once_on_4401(fake: FakeGateway, home: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    old_token = fake.access_token
+    event = _notification_frame()
+    fake.stream_scripts += [[("close", 4401)], [event]]
+    capsys.readouterr()
+    assert run(home, fake, "watch", "--json", "--once", "--timeout", "10") == 0
+    assert json.loads(capsys.readouterr().out) == event
+    assert fake.access_token != old_token
+    assert [s["auth"]["access_token"] for s in fake.streams] == [old_token, fake.access_token]
+    state = load(home)
+    assert (state.access_token, state.refresh_token) == (fake.access_token, fake.refresh_token)
+
+    fake.stream_scripts += [[("close", 4401)], [("close", 4401)]]
+    assert run(home, fake, "watch", "--once", "--timeout", "10") == 1
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "interlude-client: the stream refused the session even after it was refreshed; "
+        "sign in again with `interlude-client login --email EMAIL`")
+
+
+def test_watch_stops_on_refusals_and_timeouts(fake: FakeGateway, home: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    fake.stream_scripts.append([("close", 4429)])
+    capsys.readouterr()
+    assert run(home, fake, "watch", "--timeout", "10") == 1
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "interlude-client: you already have the most open streams the server allows (5)")
+    assert len(fake.streams) == 1  # not retried
+
+    started = time.monotonic()
+    assert run(home, fake, "watch", "--count", "2", "--timeout", "0.5") == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "interlude-client: timed out after 0.5 s with 0 of 2 event(s)")
+    assert run(home, fake, "watch", "--timeout", "0.5") == 0
+    assert time.monotonic() - started < 10
+
+
+def test_watch_against_no_server_fails_in_one_line(home: Path, fake: FakeGateway,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    enroll(home, fake)
+    capsys.readouterr()
+    assert cli.main(["--server", "http://127.0.0.1:9", "--home", str(home), "watch",
+                     "--timeout", "10"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("interlude-client: cannot reach the Interlude server at "
+                          "http://127.0.0.1:9")
+    assert len(err.splitlines()) == 1
+
+
+def test_ctrl_c_ends_a_watch_with_0(fake: FakeGateway, home: Path,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    enroll(home, fake)
+
+    async def interrupted(args: Any) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_watch, "cmd_watch", interrupted)
+    assert run(home, fake, "watch") == 0
+    monkeypatch.setattr(cli, "cmd_whoami", interrupted)
+    assert run(home, fake, "whoami") == 130
