@@ -32,6 +32,8 @@ log = structlog.get_logger(__name__)
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     aio_pika.exceptions.AMQPError,
     aiormq.exceptions.AMQPError,
+    # Acking on a channel that died under us; not an AMQPError subclass.
+    aiormq.exceptions.ChannelInvalidStateError,
     ConnectionError,
     OSError,
     asyncio.TimeoutError,
@@ -240,6 +242,31 @@ async def consume_transient_forever(url: str, queue_name: str, bindings: Sequenc
                         max_backoff=max_backoff)
 
 
+async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
+                             messages: aio_pika.abc.AbstractQueueIterator, handler: Handler,
+                             state: ConsumerState) -> None:
+    """Handle messages until the iterator ends or the connection closes.
+
+    An idle iterator does not always notice that the broker went away, so the
+    connection's own close is watched too; whichever comes first ends the pump.
+    """
+
+    async def pump() -> None:
+        async for message in messages:
+            await _handle_one(message, handler, state)
+
+    pumping = asyncio.ensure_future(pump())
+    closed = asyncio.ensure_future(connection.closed())
+    try:
+        await asyncio.wait({pumping, closed}, return_when=asyncio.FIRST_COMPLETED)
+        if pumping.done():
+            pumping.result()
+    finally:
+        for task in (pumping, closed):
+            task.cancel()
+        await asyncio.gather(pumping, closed, return_exceptions=True)
+
+
 async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Handler,
                         state: ConsumerState, *, prefetch: int, max_backoff: float) -> None:
     backoff = 0.2
@@ -254,9 +281,7 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
             backoff = 0.2
             log.info("consumer connected", queue=queue_name)
             async with queue.iterator() as messages:
-                async for message in messages:
-                    await _handle_one(message, handler, state)
-            # The iterator ends when the channel closes under us.
+                await _pump_until_closed(connection, messages, handler, state)
             raise ConnectionError("consumer channel closed")
         except asyncio.CancelledError:
             raise
@@ -265,6 +290,11 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
             state.reconnects += 1
             log.warning("consumer lost the broker; reconnecting", error=exc.__class__.__name__,
                         retry_in=round(backoff, 2))
+        except Exception:
+            # Whatever went wrong, a consumer that stops consuming loses alerts:
+            # log it loudly and start over with a new connection.
+            state.reconnects += 1
+            log.exception("consumer failed; reconnecting", retry_in=round(backoff, 2))
         finally:
             state.connected = False
             if connection is not None and not connection.is_closed:
