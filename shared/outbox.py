@@ -194,10 +194,29 @@ class OutboxRelay:
                         listen_conn = None
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
                     backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    # Anything else (asyncpg's internal state errors after a database
+                    # restart, a bug): a relay that stops loses nothing but delays
+                    # everything, so start over with a fresh LISTEN connection.
+                    log.exception("relay failed; starting over", outbox=self._outbox.qualified,
+                                  retry_in=round(backoff, 2))
+                    await _discard(listen_conn)
+                    listen_conn = None
+                    self.state.listening = False
+                    await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
+                    backoff = min(backoff * 2, 5.0)
         finally:
             self.state.listening = False
-            if listen_conn is not None and not listen_conn.is_closed():
-                await listen_conn.close(timeout=2)
+            await _discard(listen_conn)
+
+
+async def _discard(conn: asyncpg.Connection | None) -> None:
+    """Close a connection that may already be broken; never raises."""
+    if conn is not None and not conn.is_closed():
+        try:
+            await conn.close(timeout=2)
+        except Exception:
+            conn.terminate()
 
 
 def _payload(row: asyncpg.Record) -> dict[str, object]:

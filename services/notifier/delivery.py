@@ -127,6 +127,17 @@ class DeliveryWorker:
                         listen_conn = None
                     await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
                     backoff = min(backoff * 2, 5.0)
+                except Exception:
+                    # Anything else: a worker that stops delays every delivery; log
+                    # it and start over with a fresh LISTEN connection.
+                    log.exception("delivery worker failed; starting over",
+                                  retry_in=round(backoff, 2))
+                    if listen_conn is not None and not listen_conn.is_closed():
+                        listen_conn.terminate()
+                    listen_conn = None
+                    self.state.listening = False
+                    await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
+                    backoff = min(backoff * 2, 5.0)
         finally:
             self.state.listening = False
             if listen_conn is not None and not listen_conn.is_closed():

@@ -215,8 +215,11 @@ def prepare(pairs: list[Pair], total: int) -> list[Prepared]:
 class Outcome:
     accepted: set[uuid.UUID] = field(default_factory=set)
     statuses: Counter[int] = field(default_factory=Counter)
-    resets: int = 0          # a connection broken after the request was sent
+    resets: int = 0          # a connection broken before an answer came
     refused: int = 0         # could not connect at all (nothing was sent)
+    # A reset whose request had in fact been stored (its retry was answered 200, a
+    # replay): the server accepted it and the answer was lost on the way.
+    answers_lost: int = 0
     slowest: float = 0.0
 
 
@@ -237,6 +240,7 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
             item = queue.get_nowait()
             key = str(item.message_id)
             give_up = time.monotonic() + retry_for
+            was_reset = False
             while time.monotonic() < give_up:
                 started = time.monotonic()
                 try:
@@ -251,6 +255,8 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                         outcome.slowest = max(outcome.slowest, time.monotonic() - started)
                         if response.status < 300:
                             outcome.accepted.add(item.message_id)
+                            if was_reset and response.status == 200:
+                                outcome.answers_lost += 1
                             break
                         assert response.status in (502, 503), (
                             response.status, await response.text())
@@ -259,6 +265,7 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                         aiohttp.ClientPayloadError, TimeoutError):
                     outcome.resets += 1
+                    was_reset = True
                 await asyncio.sleep(0.2)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
