@@ -22,10 +22,21 @@ _REDACTED_KEYS = frozenset({
 })
 
 
+def _scrub(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "[redacted]" if str(k).lower() in _REDACTED_KEYS else _scrub(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
 def _redact(_: Any, __: str, event_dict: structlog.types.EventDict) -> structlog.types.EventDict:
     for key in list(event_dict):
         if key.lower() in _REDACTED_KEYS:
             event_dict[key] = "[redacted]"
+        else:
+            event_dict[key] = _scrub(event_dict[key])
     return event_dict
 
 
@@ -40,8 +51,8 @@ def configure_logging(service: str, fmt: str = "auto", level: int = logging.INFO
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _redact,
             structlog.processors.format_exc_info,
+            _redact,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),

@@ -227,14 +227,21 @@ class GatewayStore:
                                        " WHERE token_hash = $1", token_hash(refresh_token), now)
                     tokens = await _issue_tokens(conn, row["session_id"], now)
                     return _account(row), tokens
-            # Reuse: revoke in its own committed transaction, then refuse.
-            await self.revoke_session(row["session_id"], "refresh token reused", now)
+            # Reuse: revoke in its own committed transaction (on the connection
+            # already held: a second one could starve the pool), then refuse.
+            await _revoke(conn, row["session_id"], "refresh token reused", now)
             raise TokenReused()
 
     async def revoke_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE gateway.sessions SET revoked_at = $2, revoked_reason = $3"
-                " WHERE id = $1 AND revoked_at IS NULL", session_id, now, reason)
-            await conn.execute("DELETE FROM gateway.access_tokens WHERE session_id = $1",
-                               session_id)
+        async with self.pool.acquire() as conn:
+            await _revoke(conn, session_id, reason, now)
+
+
+async def _revoke(conn: asyncpg.Connection, session_id: uuid.UUID, reason: str,
+                  now: datetime) -> None:
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE gateway.sessions SET revoked_at = $2, revoked_reason = $3"
+            " WHERE id = $1 AND revoked_at IS NULL", session_id, now, reason)
+        await conn.execute("DELETE FROM gateway.access_tokens WHERE session_id = $1",
+                           session_id)

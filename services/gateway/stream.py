@@ -156,19 +156,21 @@ class Connection:
         next_beat = loop.time() + HEARTBEAT_SECONDS
         next_check = loop.time() + REVALIDATE_SECONDS
         while True:
+            # Re-check the token on schedule whether or not the queue is busy: a
+            # steady stream of frames must not keep a revoked session alive.
+            if loop.time() >= next_check:
+                next_check = loop.time() + REVALIDATE_SECONDS
+                if not await self._still_valid():
+                    self.close_soon(CLOSE_UNAUTHORIZED,
+                                    "access token expired or revoked; reconnect with a "
+                                    "fresh one")
+                    return
             wait = max(0.0, min(next_beat, next_check) - loop.time())
             try:
                 async with asyncio.timeout(wait):
                     item = await self._queue.get()
             except TimeoutError:
                 now = loop.time()
-                if now >= next_check:
-                    next_check = now + REVALIDATE_SECONDS
-                    if not await self._still_valid():
-                        self.close_soon(CLOSE_UNAUTHORIZED,
-                                        "access token expired or revoked; reconnect with a "
-                                        "fresh one")
-                        return
                 if now >= next_beat:
                     next_beat = now + HEARTBEAT_SECONDS
                     await self.ws.send_json({"type": "heartbeat", "at": _now().isoformat()})

@@ -58,6 +58,12 @@ def check_envelope(env: Envelope, *, relationship: Relationship, sender_id: uuid
     if not verify_envelope_signature(env, sender_device.signing_public_key):
         raise EnvelopeRejected(422, "bad_signature",
                                "envelope signature does not verify with the sender's device key")
+    owners = {d.user_id for d in devices}
+    if relationship.therapist_id not in owners or relationship.client_id not in owners:
+        # Wrapped only for the sender, it would be stored and alerted but never readable.
+        raise EnvelopeRejected(409, "peer_has_no_devices",
+                               "the other person has not set up a device yet; nothing can be "
+                               "sent to them until they have")
     expected = {(d.user_id, d.device_id, d.key_id) for d in devices}
     actual = {(r.user_id, r.device_id, r.key_id) for r in env.recipients}
     if expected != actual:

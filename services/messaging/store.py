@@ -142,6 +142,11 @@ class NewMessage:
     envelope: bytes
 
 
+async def lock_relationship(conn: asyncpg.Connection, relationship_id: uuid.UUID) -> None:
+    """Serialise writers of one relationship's messages until the transaction ends."""
+    await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(relationship_id))
+
+
 def hash_code(code: str) -> bytes:
     return codes.hash_code(code, "invite")
 
@@ -370,10 +375,13 @@ class MessagingStore:
                     raise Conflict("a different message with this id already exists")
                 return _message(existing), False
             rel = message.relationship
+            # One writer per relationship at a time: check-ins are numbered in order
+            # (1 and 2, never 1 and 1), and a message's place in the delivery order
+            # commits before the next one takes its place, so no reader's cursor can
+            # pass a place that is still being written.
+            await lock_relationship(conn, rel.id)
             used = 0
             if message.kind == "checkin" and period_start is not None:
-                # Count under a lock so two check-ins at once are numbered 1 and 2.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(rel.id))
                 used = 1 + await conn.fetchval(
                     "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
                     " AND kind = 'checkin' AND created_at >= $2", rel.id, period_start)
@@ -423,12 +431,19 @@ class MessagingStore:
         first, so a reader's cursor never skips one.
         """
         async with self.pool.acquire() as conn:
-            await conn.execute(
-                "UPDATE messaging.messages SET delivery_seq = nextval('messaging.delivery_seq')"
-                " WHERE id IN (SELECT id FROM messaging.messages WHERE relationship_id = $1"
-                " AND delivery_seq IS NULL AND visible_at <= $2"
-                " ORDER BY visible_at, seq FOR UPDATE SKIP LOCKED)",
-                relationship_id, now)
+            due = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM messaging.messages WHERE relationship_id = $1"
+                " AND delivery_seq IS NULL AND visible_at <= $2)", relationship_id, now)
+            if due:
+                async with conn.transaction():
+                    await lock_relationship(conn, relationship_id)
+                    await conn.execute(
+                        "UPDATE messaging.messages"
+                        " SET delivery_seq = nextval('messaging.delivery_seq')"
+                        " WHERE id IN (SELECT id FROM messaging.messages"
+                        " WHERE relationship_id = $1 AND delivery_seq IS NULL"
+                        " AND visible_at <= $2 ORDER BY visible_at, seq)",
+                        relationship_id, now)
             rows = await conn.fetch(
                 "SELECT * FROM messaging.messages WHERE relationship_id = $1"
                 " AND delivery_seq > $2 ORDER BY delivery_seq LIMIT $3",

@@ -37,7 +37,7 @@ from services.notifier.scheduler_store import SchedulerStore
 from services.notifier.secret_box import SecretBox
 from services.notifier.senders import EMAIL, WEBHOOK, Sender
 from services.notifier.store import NOTIFIER_OUTBOX, NotifierStore
-from services.notifier.webhooks import WebhookSender
+from services.notifier.webhooks import PublicOnlyResolver, WebhookSender
 from shared.amqp import ConsumerState, Publisher
 from shared.db import check_database, create_pool
 from shared.outbox import OutboxRelay
@@ -140,8 +140,11 @@ async def _deliveries(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     limits = app[DELIVERY_LIMITS]
     # Bounded overall and per endpoint host; redirects and cookies play no part.
+    # In production webhooks may only reach public addresses, checked on every
+    # connect (a name can be re-pointed after the channel was added).
+    resolver = PublicOnlyResolver() if settings.is_production else None
     connector = aiohttp.TCPConnector(limit=limits.concurrency,
-                                     limit_per_host=limits.per_host)
+                                     limit_per_host=limits.per_host, resolver=resolver)
     async with aiohttp.ClientSession(connector=connector,
                                      cookie_jar=aiohttp.DummyCookieJar()) as session:
         senders: dict[str, Sender] = {

@@ -15,12 +15,15 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import aiohttp.abc
+import aiohttp.resolver
 
 from services.notifier.secret_box import SecretBox, SecretUnreadable, secret_bytes
 from services.notifier.senders import DIGEST_COUNTS, Claimed, DeliveryFailed
@@ -77,6 +80,29 @@ def _internal_host(host: str) -> bool:
         # A single-label name ("messaging", "postgres") resolves on a private network.
         return "." not in host
     return not address.is_global
+
+
+class PublicOnlyResolver(aiohttp.abc.AbstractResolver):
+    """Resolves names like the default resolver, then drops every address that is
+    not globally routable. Checking the URL's text is not enough: a public name
+    can resolve to 10.x or 127.x (or be re-pointed there after the check), and
+    shorthand like ``127.1`` is an address too. Checked at connect time, for every
+    delivery, so a webhook can never reach the service's own network."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.resolver.DefaultResolver()
+
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[aiohttp.abc.ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        public = [r for r in results if ipaddress.ip_address(r["host"]).is_global]
+        if not public:
+            raise OSError(f"{host} does not resolve to a public address")
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def payload(delivery: Claimed) -> bytes:

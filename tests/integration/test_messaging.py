@@ -241,3 +241,19 @@ async def test_messaging_is_not_ready_without_its_broker(test_env: TestEnv) -> N
         assert response.status == 503
         assert "broker" in (await response.json())["problems"]
         assert (await client.get("/healthz")).status == 200
+
+
+async def test_nothing_is_sent_to_someone_without_a_device(stack: Stack) -> None:
+    from tests.integration.conftest import therapist_code, unique_email
+
+    t_email = unique_email("t")
+    therapist = await stack.enroll(await therapist_code(stack, t_email), t_email)
+    status, invite = await stack.call("POST", "/v1/invites", therapist)
+    assert status == 201
+    client = await stack.enroll(invite["code"], unique_email("c"))
+    await stack.publish_keys(client)  # the therapist never set up a device
+    status, rels = await stack.call("GET", "/v1/relationships", client)
+    rid = uuid.UUID(rels["items"][0]["id"])
+    status, data = await stack.post(client, rid, await stack.envelope(client, rid, "x"))
+    assert status == 409
+    assert data["error"]["code"] == "peer_has_no_devices"

@@ -27,3 +27,17 @@ def test_secret_and_content_fields_are_redacted(capsys: pytest.CaptureFixture[st
     assert record["service"] == "test"
     for secret in ("hunter2", "ila_abc", "my secret", "QUJD", "ABCD-EFGH"):
         assert secret not in line
+
+
+def test_nested_secrets_are_redacted_too(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("test", "json")
+    try:
+        structlog.get_logger("t").info("careless", request={"password": "hunter2-hunter2",
+                                                            "items": [{"token": "ila_x"}]})
+    finally:
+        structlog.reset_defaults()
+        structlog.contextvars.clear_contextvars()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "hunter2" not in line
+    assert "ila_x" not in line
+    assert json.loads(line)["request"]["password"] == "[redacted]"

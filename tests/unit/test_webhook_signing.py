@@ -121,3 +121,27 @@ def test_code_hashes_are_keyed_and_bound_to_the_channel() -> None:
     assert box.code_hash(channel, "123456") == box.code_hash(channel, " 123456 ")
     assert box.code_hash(channel, "123456") != box.code_hash(uuid.uuid4(), "123456")
     assert box.code_hash(channel, "123456") != SecretBox(b"o" * 40).code_hash(channel, "123456")
+
+
+async def test_production_resolver_refuses_every_non_public_address() -> None:
+    from services.notifier.webhooks import PublicOnlyResolver
+
+    resolver = PublicOnlyResolver()
+    try:
+        for host in ("127.1", "localhost", "10.1", "0x7f.1"):
+            with pytest.raises(OSError, match="public address"):
+                await resolver.resolve(host, 443)
+
+        class Mixed:
+            async def resolve(self, host: str, port: int, family: object) -> list[dict]:
+                return [{"host": "10.0.0.5", "port": port}, {"host": "93.184.215.14",
+                                                            "port": port}]
+
+            async def close(self) -> None:
+                pass
+
+        resolver._inner = Mixed()  # type: ignore[assignment]
+        assert [r["host"] for r in await resolver.resolve("example.org", 443)] == [
+            "93.184.215.14"]
+    finally:
+        await resolver.close()
