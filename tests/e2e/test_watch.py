@@ -166,12 +166,12 @@ def test_watch_in_words_and_ctrl_c(stack: Stack, tmp_path: Path) -> None:
 def test_a_session_ended_elsewhere_ends_the_watch(stack: Stack, tmp_path: Path) -> None:
     cli = Cli(stack)
     therapist, _ = enroll_pair(cli, tmp_path)
-    watch = Watch(stack, therapist, "--timeout", "60")
+    watch = Watch(stack, therapist, "--timeout", "100")
     try:
         watch.wait_for_err("connected")
         cli.run(therapist, "logout")
         # The gateway re-checks a socket's token every 30 s and closes it with 4401.
-        code, _, err = watch.finish(timeout=75)
+        code, _, err = watch.finish(timeout=110)
     finally:
         watch.stop()
     assert code == 1, err
