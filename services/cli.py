@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -34,7 +35,30 @@ def cmd_migrate(_: argparse.Namespace) -> int:
     for name in applied:
         print(f"applied {name}")
     print(f"database is up to date ({len(applied)} migration(s) applied)")
+    try:
+        asyncio.run(_declare_broker_topology(settings.amqp_url))
+    except Exception as exc:  # any broker failure: one clear line, non-zero exit
+        return _fail(f"broker set-up failed: {exc.__class__.__name__}: {exc}")
+    print("broker is set up (exchanges and the notifier's durable queue)")
     return 0
+
+
+async def _declare_broker_topology(amqp_url: str) -> None:
+    """Declare the exchanges and the notifier's durable queue before any service runs.
+
+    Without it, events published before the notifier's first start would be routed
+    only to the gateways' transient stream queues: confirmed, marked sent, and
+    never alerted. With the durable queue in place they wait there.
+    """
+    from services.notifier.consumer import BINDINGS, QUEUE
+    from shared.amqp import connect, declare_consumer_queue
+
+    async with asyncio.timeout(15):
+        connection = await connect(amqp_url)
+        try:
+            await declare_consumer_queue(await connection.channel(), QUEUE, BINDINGS)
+        finally:
+            await connection.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -146,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from INTERLUDE_* environment variables (see docs/configuration.md).")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    migrate = sub.add_parser("migrate", help="apply pending database migrations (idempotent)")
+    migrate = sub.add_parser(
+        "migrate", help="apply pending database migrations and declare the broker's durable "
+        "exchanges and queues (idempotent)")
     migrate.set_defaults(func=cmd_migrate)
 
     serve = sub.add_parser("serve", help="run one service, or all three supervised")
@@ -182,6 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command != "serve":
+        # Operator commands speak in their own one-line errors; libraries (aiormq
+        # logs every failed connect) stay quiet. `serve` configures its own logging.
+        logging.getLogger().addHandler(logging.NullHandler())
     result: int = args.func(args)
     return result
 

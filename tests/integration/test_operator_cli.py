@@ -13,10 +13,11 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 
+import aio_pika
 import asyncpg
 import pytest
 
-from tests.conftest import ADMIN_DSN, PG_BASE, TestEnv
+from tests.conftest import ADMIN_DSN, AMQP_BASE, PG_BASE, TestEnv
 
 pytestmark = pytest.mark.integration
 INTERLUDE = [sys.executable, "-m", "services.cli"]
@@ -47,8 +48,24 @@ def scratch_db() -> Iterator[str]:
         asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def test_migrate_is_idempotent_and_safe_to_run_concurrently(scratch_db: str) -> None:
-    env = {"INTERLUDE_DATABASE_URL": scratch_db}
+@pytest.fixture
+def scratch_vhost() -> Iterator[str]:
+    """An empty RabbitMQ vhost of its own: the broker set-up must create the queue."""
+    vhost = f"interlude-migrate-{uuid.uuid4().hex[:8]}"
+    subprocess.run(["rabbitmqctl", "add_vhost", vhost], check=True, capture_output=True,
+                   timeout=60)
+    try:
+        subprocess.run(["rabbitmqctl", "set_permissions", "-p", vhost, "guest", ".*", ".*",
+                        ".*"], check=True, capture_output=True, timeout=60)
+        yield f"{AMQP_BASE}/{vhost}"
+    finally:
+        subprocess.run(["rabbitmqctl", "delete_vhost", vhost], check=True, capture_output=True,
+                       timeout=60)
+
+
+def test_migrate_is_idempotent_and_safe_to_run_concurrently(scratch_db: str,
+                                                            scratch_vhost: str) -> None:
+    env = {"INTERLUDE_DATABASE_URL": scratch_db, "INTERLUDE_AMQP_URL": scratch_vhost}
     procs = [subprocess.Popen([*INTERLUDE, "migrate"], env={**os.environ, **env},
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               stdin=subprocess.DEVNULL) for _ in range(3)]
@@ -72,6 +89,29 @@ def test_migrate_is_idempotent_and_safe_to_run_concurrently(scratch_db: str) -> 
 
     recorded = asyncio.run(versions())
     assert len(recorded) == len(set(recorded)) == applied
+
+    async def notifier_queue_is_durable() -> bool:
+        connection = await aio_pika.connect(scratch_vhost)
+        try:
+            channel = await connection.channel()
+            # A passive declare fails (channel closed, NOT_FOUND) if the queue is missing.
+            queue = await channel.declare_queue("notifier.events", passive=True)
+            return queue.name == "notifier.events"
+        finally:
+            await connection.close()
+
+    # The durable queue exists before any notifier ran, so no event can miss it.
+    assert asyncio.run(notifier_queue_is_durable())
+    assert "broker is set up" in again.stdout
+
+
+def test_migrate_says_so_when_the_broker_is_unreachable(scratch_db: str) -> None:
+    result = run(["migrate"], {"INTERLUDE_DATABASE_URL": scratch_db,
+                               "INTERLUDE_AMQP_URL": "amqp://guest:guest@127.0.0.1:9/"})
+    assert result.returncode == 1
+    assert result.stderr.startswith("interlude: broker set-up failed:")
+    assert result.stderr.strip().count("\n") == 0
+    assert "Traceback" not in result.stderr
 
 
 def test_create_therapist_prints_the_code_last_and_refuses_duplicates(
