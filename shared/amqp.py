@@ -111,10 +111,6 @@ class Publisher:
             self._channel = channel
             return self._exchange
 
-    @property
-    def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
-
     async def check(self, timeout: float = 3.0) -> None:
         """Raise unless the broker answers now: a passive declare is a round trip, so
         a connection the broker has dropped is noticed here, not at the next publish."""
@@ -302,9 +298,3 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
                     await asyncio.shield(connection.close())
         await asyncio.sleep(backoff + random.uniform(0, backoff / 2))
         backoff = min(backoff * 2, max_backoff)
-
-
-async def check_broker(url: str) -> None:
-    """Raise if the broker cannot be reached within a short timeout."""
-    connection = await connect(url, timeout=3.0)
-    await connection.close()

@@ -13,7 +13,6 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
 
 import asyncpg
 
@@ -145,7 +144,3 @@ async def check_database(pool: asyncpg.Pool) -> None:
     """Raise if the database cannot answer a trivial query quickly."""
     async with pool.acquire(timeout=2.0) as conn:
         await conn.fetchval("SELECT 1", timeout=2.0)
-
-
-def record_to_dict(record: Any) -> dict[str, Any]:
-    return dict(record.items())

@@ -51,8 +51,3 @@ async def verify_password(stored: str | None, password: str) -> bool:
     """True if ``password`` matches ``stored``; ``None`` (no account) is always False."""
     async with _semaphore():
         return await asyncio.to_thread(_verify, stored, password)
-
-
-def hasher_parameters() -> tuple[int, int, int]:
-    """(memory KiB, passes, lanes), for tests that check the cost."""
-    return _hasher.memory_cost, _hasher.time_cost, _hasher.parallelism

@@ -9,13 +9,11 @@ email and the alert email is seen arriving.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import hmac
 import json
 import re
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email import message_from_bytes, policy
@@ -29,6 +27,7 @@ from aiosmtpd.controller import Controller
 
 from tests.conftest import TestEnv
 from tests.e2e.helpers import Cli, Person, Stack, _free_port, enroll_pair, poll, run_stack
+from tests.support.threaded import serve_in_thread
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -107,30 +106,9 @@ def receiver() -> Iterator[Receiver]:
     app = web.Application()
     app.router.add_post("/hook", record)
     app.router.add_post("/broken", record)
-    runner = web.AppRunner(app)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        host, port = runner.addresses[0][:2]
-        got.url = f"http://{host}:{port}"
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
+    with serve_in_thread(app) as url:
+        got.url = url
         yield got
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 def standard_webhooks_valid(secret: str, headers: dict[str, str], body: bytes) -> bool:

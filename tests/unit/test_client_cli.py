@@ -11,7 +11,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from client.trust import (
     verify_devices,
 )
 from shared.envelope import KIND_CHECKIN, key_id_for, parse_envelope
+from tests.support.threaded import serve_in_thread
 
 PASSPHRASE = "unit-test-passphrase"
 PASSWORD = "unit-test-password-123"
@@ -324,30 +324,9 @@ class FakeGateway:
 @pytest.fixture
 def fake() -> Iterator[FakeGateway]:
     gateway = FakeGateway()
-    loop = asyncio.new_event_loop()
-    runner = web.AppRunner(gateway.app())
-    started = threading.Event()
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        loop.run_until_complete(site.start())
-        host, port = runner.addresses[0][:2]
-        gateway.url = f"http://{host}:{port}"
-        started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert started.wait(10)
-    try:
+    with serve_in_thread(gateway.app()) as url:
+        gateway.url = url
         yield gateway
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
 
 
 @pytest.fixture
