@@ -9,8 +9,10 @@ transaction: ``availability.updated`` carries the therapist's whole schedule
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 import asyncpg
 
@@ -29,13 +31,9 @@ class Availability:
     version: int
 
 
-async def _load_availability(conn: asyncpg.Connection,
-                             therapist_id: uuid.UUID) -> Availability:
-    row = await conn.fetchrow("SELECT * FROM messaging.availability WHERE therapist_id = $1",
-                              therapist_id)
-    absences = await conn.fetch(
-        "SELECT id, first_day, last_day, note FROM messaging.absences"
-        " WHERE therapist_id = $1 ORDER BY first_day, id", therapist_id)
+def availability_from_rows(therapist_id: uuid.UUID, row: Mapping[str, Any] | None,
+                           absences: Sequence[Mapping[str, Any]]) -> Availability:
+    """The therapist's availability from its row (None: no hours set) and absences."""
     if row is None:
         return Availability(therapist_id, None, 0)
     schedule = WeeklySchedule.from_json({
@@ -45,6 +43,16 @@ async def _load_availability(conn: asyncpg.Connection,
                      for a in absences],
     })
     return Availability(therapist_id, schedule, row["version"])
+
+
+async def _load_availability(conn: asyncpg.Connection,
+                             therapist_id: uuid.UUID) -> Availability:
+    row = await conn.fetchrow("SELECT * FROM messaging.availability WHERE therapist_id = $1",
+                              therapist_id)
+    absences = await conn.fetch(
+        "SELECT id, first_day, last_day, note FROM messaging.absences"
+        " WHERE therapist_id = $1 ORDER BY first_day, id", therapist_id)
+    return availability_from_rows(therapist_id, row, absences)
 
 
 async def _announce_availability(conn: asyncpg.Connection, therapist_id: uuid.UUID,

@@ -18,16 +18,16 @@ from services.messaging.store import (
     Gone,
     LimitReached,
     MessagingStore,
-    NewMessage,
     NotFound,
     Relationship,
     StoredMessage,
-    Terms,
 )
-from services.messaging.typedefs import BOUNDARIES, SETTINGS, STORE
+from services.messaging.submission import NewMessage, Submission, Terms, begin_submission
+from services.messaging.typedefs import SETTINGS, STORE
 from shared.boundaries import expectation_for_checkin, period_start, reply_release_time
 from shared.envelope import (
     KIND_CHECKIN,
+    Envelope,
     EnvelopeError,
     key_id_for,
     parse_envelope,
@@ -205,9 +205,9 @@ async def post_message(request: web.Request) -> web.Response:
     identity = identity_of(request)
     if identity.role not in ("therapist", "client"):
         raise ApiError(403, "forbidden", "only people send messages")
-    rel = await member_relationship(request)
-    if rel.status != "active":
-        raise ApiError(409, "relationship_ended", "this relationship has ended")
+    rid = parse_uuid(request.match_info["relationship_id"], "relationship")
+    # Everything that needs no database first: no connection is held while the
+    # body is read, and a malformed request costs no round trip.
     key = _idempotency_key(request)
     body = await read_model(request, PostMessage)
     raw = _b64(body.envelope, "envelope")
@@ -215,26 +215,42 @@ async def post_message(request: web.Request) -> web.Response:
         env = parse_envelope(raw)
     except EnvelopeError as exc:
         raise ApiError(422, "invalid_envelope", f"envelope: {exc}", field="envelope") from None
-    store = _store(request)
-    devices = await store.devices_of([rel.therapist_id, rel.client_id])
+    kind = "checkin" if env.kind == KIND_CHECKIN else "reply"
+    if body.deliver_now and kind != "reply":
+        raise ApiError(422, "invalid", "deliver_now applies to replies only",
+                       field="deliver_now")
+    try:
+        async with begin_submission(request.app[STORE].pool, rid, identity.user_id) as sub:
+            stored, created = await _accept(request, sub, identity, env, raw, kind, key,
+                                            deliver_now=body.deliver_now)
+    except NotFound:
+        raise ApiError(404, "not_found", "no such relationship") from None
+    except Conflict as exc:
+        raise ApiError(409, "conflict", str(exc)) from None
+    payload = message_json(stored, include_envelope=False)  # the caller has it
+    payload.update(stored.terms or {})
+    return web.json_response(payload, status=201 if created else 200)
+
+
+async def _accept(request: web.Request, sub: Submission, identity: Identity, env: Envelope,
+                  raw: bytes, kind: str, key: str | None, *,
+                  deliver_now: bool) -> tuple[StoredMessage, bool]:
+    """Check the envelope against the relationship and store it, inside ``sub``."""
+    rel = sub.context.relationship
+    if rel.status != "active":
+        raise ApiError(409, "relationship_ended", "this relationship has ended")
+    now = datetime.now(UTC)
     try:
         check_envelope(env, relationship=rel, sender_id=identity.user_id, role=identity.role,
-                       devices=devices, now=datetime.now(UTC))
+                       devices=sub.context.devices, now=now)
     except EnvelopeRejected as exc:
         raise ApiError(exc.status, exc.code, exc.message, field="envelope") from None
     message = NewMessage(
-        id=env.message_id, relationship=rel,
-        kind="checkin" if env.kind == KIND_CHECKIN else "reply",
-        sender_id=identity.user_id, sender_device_id=env.sender_device_id,
-        urgent=env.urgent, sent_at=sent_at_of(env), envelope=raw,
+        id=env.message_id, relationship=rel, kind=kind, sender_id=identity.user_id,
+        sender_device_id=env.sender_device_id, urgent=env.urgent, sent_at=sent_at_of(env),
+        envelope=raw,
     )
-    if body.deliver_now and message.kind != "reply":
-        raise ApiError(422, "invalid", "deliver_now applies to replies only",
-                       field="deliver_now")
-    boundaries = request.app[BOUNDARIES]
-    schedule = (await boundaries.availability(rel.therapist_id)).schedule
-    agreement, _ = await boundaries.agreement(rel.id)
-    now = datetime.now(UTC)
+    schedule, agreement = sub.context.schedule, sub.context.agreement
     crisis_default = request.app[SETTINGS].crisis_resources
 
     def decide(used: int) -> Terms:
@@ -244,21 +260,17 @@ async def post_message(request: web.Request) -> web.Response:
                                            practice_crisis_text=crisis_default)
             return Terms(beyond_agreement=not told.within_agreement, reply_by=told.reply_by,
                          told={"expectation": told.to_json()})
-        release = reply_release_time(schedule, now, deliver_now=body.deliver_now)
-        return Terms(deliver_now=body.deliver_now, visible_at=release,
-                     told={"release_at": release.isoformat(), "held": release > now})
+        release = reply_release_time(schedule, now, deliver_now=deliver_now)
+        held = release > now
+        # Not held: visible from the commit's own clock (None), so that a clock
+        # read a moment after the transaction began cannot hold it by accident.
+        return Terms(deliver_now=deliver_now, visible_at=release if held else None,
+                     told={"release_at": release.isoformat(), "held": held})
 
-    request_hash = hashlib.sha256(rel.id.bytes + raw + bytes([body.deliver_now])).digest()
-    try:
-        stored, created = await store.store_message(
-            message, idempotency_key=key, request_hash=request_hash,
-            correlation_id=identity.request_id, decide=decide,
-            period_start=period_start(agreement, schedule, now))
-    except Conflict as exc:
-        raise ApiError(409, "conflict", str(exc)) from None
-    payload = message_json(stored, include_envelope=False)  # the caller has it
-    payload.update(stored.terms or {})
-    return web.json_response(payload, status=201 if created else 200)
+    request_hash = hashlib.sha256(rel.id.bytes + raw + bytes([deliver_now])).digest()
+    return await sub.store(message, idempotency_key=key, request_hash=request_hash,
+                           correlation_id=identity.request_id, decide=decide,
+                           period_start=period_start(agreement, schedule, now))
 
 
 async def list_messages(request: web.Request) -> web.Response:

@@ -7,10 +7,8 @@ and wakes the relay with NOTIFY.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,13 +19,10 @@ from shared import codes
 from shared.boundaries import Agreement
 from shared.events import (
     AGREEMENT_UPDATED,
-    CHECKIN_SUBMITTED,
     DEVICE_KEYS_CHANGED,
     RELATIONSHIP_CREATED,
-    REPLY_SENT,
     AgreementEventData,
     DeviceKeysEventData,
-    MessageEventData,
     RelationshipEventData,
     new_event,
 )
@@ -114,34 +109,6 @@ class StoredMessage:
     delivery_seq: int | None      # its place in the delivery order; None while held
 
 
-@dataclass(frozen=True, slots=True)
-class Terms:
-    """What the server decided about a message as it accepted it."""
-
-    beyond_agreement: bool = False
-    reply_by: datetime | None = None
-    deliver_now: bool = False
-    visible_at: datetime | None = None          # None: visible at once
-    told: dict[str, Any] | None = None          # the answer's expectation / release
-
-
-# Given how many check-ins the client has sent this period (this one included),
-# decide the message's terms. Called inside the storing transaction.
-Decide = Callable[[int], Terms]
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    id: uuid.UUID
-    relationship: Relationship
-    kind: str
-    sender_id: uuid.UUID
-    sender_device_id: uuid.UUID
-    urgent: bool
-    sent_at: datetime
-    envelope: bytes
-
-
 async def lock_relationship(conn: asyncpg.Connection, relationship_id: uuid.UUID) -> None:
     """Serialise writers of one relationship's messages until the transaction ends."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(relationship_id))
@@ -154,11 +121,13 @@ def hash_code(code: str) -> bytes:
 async def add_event(conn: asyncpg.Connection, routing_key: str, data: object,
                      correlation_id: str) -> None:
     event = new_event(routing_key, data, correlation_id)  # type: ignore[arg-type]
+    # The row and the relay's wake-up in one round trip (delivered at commit).
     await conn.execute(
-        "INSERT INTO messaging.outbox (event_id, routing_key, payload) VALUES ($1, $2, $3)",
-        event.event_id, routing_key, json.loads(event.model_dump_json()),
+        "WITH e AS (INSERT INTO messaging.outbox (event_id, routing_key, payload)"
+        " VALUES ($1, $2, $3) RETURNING 1)"
+        f" SELECT pg_notify('{OUTBOX_CHANNEL}', '') FROM e",
+        event.event_id, routing_key, event.model_dump(mode="json"),
     )
-    await conn.execute(f"NOTIFY {OUTBOX_CHANNEL}")
 
 
 async def save_agreement(conn: asyncpg.Connection, relationship: Relationship,
@@ -183,16 +152,19 @@ def _relationship(row: asyncpg.Record) -> Relationship:
                         row["created_at"])
 
 
-def _device(row: asyncpg.Record) -> Device:
+def device_from_row(row: asyncpg.Record) -> Device:
     return Device(row["user_id"], row["device_id"], row["version"], row["suite"],
                   bytes(row["hpke_public_key"]), bytes(row["signing_public_key"]),
                   bytes(row["signature"]), bytes(row["key_id"]), row["updated_at"])
 
 
-def _message(row: asyncpg.Record) -> StoredMessage:
+def message_from_row(row: asyncpg.Record, *, envelope: bytes | None = None) -> StoredMessage:
+    """A stored message; ``envelope`` stands in for a row read without its bytes."""
     return StoredMessage(row["id"], row["seq"], row["relationship_id"], row["kind"],
                          row["sender_id"], row["sender_device_id"], row["urgent"],
-                         row["sent_at"], bytes(row["envelope"]), row["created_at"],
+                         row["sent_at"],
+                         bytes(row["envelope"]) if envelope is None else envelope,
+                         row["created_at"],
                          row["visible_at"], row["terms"], row["delivery_seq"])
 
 
@@ -281,7 +253,7 @@ class MessagingStore:
                         and bytes(current["hpke_public_key"]) == hpke_public_key
                         and bytes(current["signing_public_key"]) == signing_public_key)
                 if same:
-                    return _device(current), False
+                    return device_from_row(current), False
                 version = current["version"] + 1
             else:
                 count = await conn.fetchval(
@@ -311,7 +283,7 @@ class MessagingStore:
             await add_event(conn, DEVICE_KEYS_CHANGED, DeviceKeysEventData(
                 user_id=user_id, device_id=device_id, key_id=key_id.hex(), version=version,
             ), correlation_id)
-            return _device(row), True
+            return device_from_row(row), True
 
     async def devices_of(self, user_ids: list[uuid.UUID]) -> list[Device]:
         rows = await self.pool.fetch(
@@ -319,7 +291,7 @@ class MessagingStore:
             " ORDER BY user_id, device_id",
             user_ids,
         )
-        return [_device(r) for r in rows]
+        return [device_from_row(r) for r in rows]
 
     async def device(self, user_id: uuid.UUID, device_id: uuid.UUID) -> Device:
         row = await self.pool.fetchrow(
@@ -328,7 +300,7 @@ class MessagingStore:
         )
         if row is None:
             raise NotFound("no such device")
-        return _device(row)
+        return device_from_row(row)
 
     async def device_history(self, user_id: uuid.UUID) -> list[Device]:
         rows = await self.pool.fetch(
@@ -336,90 +308,9 @@ class MessagingStore:
             " WHERE user_id = $1 ORDER BY device_id, version",
             user_id,
         )
-        return [_device(r) for r in rows]
+        return [device_from_row(r) for r in rows]
 
     # -- messages --------------------------------------------------------------------
-
-    async def store_message(self, message: NewMessage, *, idempotency_key: str | None,
-                            request_hash: bytes, correlation_id: str, decide: Decide,
-                            period_start: datetime | None) -> tuple[StoredMessage, bool]:
-        """Store a message and its event atomically; returns (message, created).
-
-        For a check-in, ``period_start`` is where the agreed period began: the
-        check-ins since then (this one included) are counted under a lock on the
-        relationship and handed to ``decide``. A retry of the same envelope (same
-        id and bytes) returns the stored message with ``created`` False; another
-        envelope reusing the id conflicts.
-        """
-        digest = hashlib.sha256(message.envelope).digest()
-        async with self.pool.acquire() as conn, conn.transaction():
-            if idempotency_key is not None:
-                # Two concurrent retries with one key: the second waits, then finds it.
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))",
-                                   f"{message.sender_id}/{idempotency_key}")
-                existing_key = await conn.fetchrow(
-                    "SELECT i.request_hash, m.* FROM messaging.idempotency_keys i"
-                    " JOIN messaging.messages m ON m.id = i.message_id"
-                    " WHERE i.user_id = $1 AND i.key = $2",
-                    message.sender_id, idempotency_key,
-                )
-                if existing_key is not None:
-                    if bytes(existing_key["request_hash"]) != request_hash:
-                        raise Conflict("Idempotency-Key was already used with a different request")
-                    return _message(existing_key), False
-            existing = await conn.fetchrow("SELECT * FROM messaging.messages WHERE id = $1",
-                                           message.id)
-            if existing is not None:
-                if bytes(existing["envelope_sha256"]) != digest \
-                        or existing["sender_id"] != message.sender_id:
-                    raise Conflict("a different message with this id already exists")
-                return _message(existing), False
-            rel = message.relationship
-            # One writer per relationship at a time: check-ins are numbered in order
-            # (1 and 2, never 1 and 1), and a message's place in the delivery order
-            # commits before the next one takes its place, so no reader's cursor can
-            # pass a place that is still being written.
-            await lock_relationship(conn, rel.id)
-            used = 0
-            if message.kind == "checkin" and period_start is not None:
-                used = 1 + await conn.fetchval(
-                    "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
-                    " AND kind = 'checkin' AND created_at >= $2", rel.id, period_start)
-            terms = decide(used)
-            row = await conn.fetchrow(
-                "INSERT INTO messaging.messages (id, relationship_id, kind, sender_id,"
-                " sender_device_id, urgent, sent_at, envelope, envelope_sha256,"
-                " beyond_agreement, reply_by, deliver_now, visible_at, terms, delivery_seq)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,"
-                " coalesce($13, now()), $14, CASE WHEN coalesce($13, now()) <= now()"
-                " THEN nextval('messaging.delivery_seq') END)"
-                " ON CONFLICT (id) DO NOTHING RETURNING *",
-                message.id, rel.id, message.kind, message.sender_id,
-                message.sender_device_id, message.urgent, message.sent_at, message.envelope,
-                digest, terms.beyond_agreement, terms.reply_by, terms.deliver_now,
-                terms.visible_at, terms.told,
-            )
-            if row is None:  # the same id arrived at the same moment: let the client retry
-                raise Conflict("this message is being stored by another request; retry")
-            await add_event(
-                conn, CHECKIN_SUBMITTED if message.kind == "checkin" else REPLY_SENT,
-                MessageEventData(
-                    message_id=message.id, relationship_id=rel.id,
-                    therapist_id=rel.therapist_id, client_id=rel.client_id,
-                    sender_id=message.sender_id, sent_at=message.sent_at,
-                    urgent=message.urgent, beyond_agreement=terms.beyond_agreement,
-                    reply_by=terms.reply_by, deliver_now=terms.deliver_now,
-                    visible_at=row["visible_at"],
-                ),
-                correlation_id,
-            )
-            if idempotency_key is not None:
-                await conn.execute(
-                    "INSERT INTO messaging.idempotency_keys (user_id, key, request_hash,"
-                    " message_id) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-                    message.sender_id, idempotency_key, request_hash, message.id,
-                )
-            return _message(row), True
 
     async def list_messages(self, relationship_id: uuid.UUID, *, viewer_id: uuid.UUID,
                             after: int, limit: int, now: datetime
@@ -452,4 +343,4 @@ class MessagingStore:
                 "SELECT * FROM messaging.messages WHERE relationship_id = $1"
                 " AND delivery_seq IS NULL AND sender_id = $2 ORDER BY seq",
                 relationship_id, viewer_id)
-        return [_message(r) for r in rows], [_message(r) for r in held]
+        return [message_from_row(r) for r in rows], [message_from_row(r) for r in held]

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import uuid
+from datetime import datetime
 
 import aio_pika
 import pytest
@@ -120,6 +121,35 @@ async def test_idempotency_key_makes_retries_safe(stack: Stack) -> None:
         " AND payload->'data'->>'relationship_id' = $1", str(rid))
     assert stored == 1
     assert events == 1
+
+
+async def test_one_statement_stores_message_event_and_key_together(stack: Stack) -> None:
+    """The same envelope sent four times at once is stored once, with one event
+    and one key; the event carries the row's own visible_at, to the microsecond."""
+    _, client, rid = await new_pair(stack)
+    envelope = await stack.envelope(client, rid, "at once")
+    results = await asyncio.wait_for(asyncio.gather(*[
+        stack.post(client, rid, envelope, idempotency_key=f"k-{i % 2}") for i in range(4)]),
+        timeout=30)
+    statuses = sorted(status for status, _ in results)
+    # One writer per relationship: the first stores it, the rest find it.
+    assert statuses == [200, 200, 200, 201], statuses
+    assert len({data["id"] for _, data in results}) == 1
+    pool = stack.apps["messaging"][POOL]
+    row = await pool.fetchrow("SELECT id, visible_at, delivery_seq FROM messaging.messages"
+                              " WHERE relationship_id = $1", rid)
+    events = await pool.fetch(
+        "SELECT payload FROM messaging.outbox WHERE routing_key = 'checkin.submitted'"
+        " AND payload->'data'->>'relationship_id' = $1", str(rid))
+    keys = await pool.fetch("SELECT key, message_id FROM messaging.idempotency_keys"
+                            " WHERE message_id = $1 ORDER BY key", row["id"])
+    assert len(events) == 1
+    assert datetime.fromisoformat(events[0]["payload"]["data"]["visible_at"]) \
+        == row["visible_at"]
+    assert row["delivery_seq"] is not None
+    # The key of the request that stored it; the other key found it by its id.
+    assert len(keys) == 1
+    assert keys[0]["key"] in ("k-0", "k-1")
 
 
 async def test_messages_page_with_cursor(stack: Stack) -> None:
