@@ -63,6 +63,8 @@ class Settings:
     # Where people open Interlude; the only link an alert email carries.
     public_url: str | None = None
     webhook_timeout: float = 10.0
+    # How long the gateway may answer a token it verified from memory (0: never).
+    token_cache_seconds: float = 5.0
 
     @property
     def is_production(self) -> bool:
@@ -242,4 +244,5 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         smtp=_smtp(env, production),
         public_url=_public_url(env, production),
         webhook_timeout=_seconds(env, "INTERLUDE_WEBHOOK_TIMEOUT", 10.0, 1, 60),
+        token_cache_seconds=_seconds(env, "INTERLUDE_TOKEN_CACHE_SECONDS", 5.0, 0, 60),
     )

@@ -28,7 +28,7 @@ LOGIN_WINDOW_SECONDS = 15 * 60
 async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[SETTINGS].database_url, max_size=10)
     app[POOL] = pool
-    app[STORE] = GatewayStore(pool)
+    app[STORE] = GatewayStore(pool, token_cache_seconds=app[SETTINGS].token_cache_seconds)
     yield
     await pool.close()
 

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
+from services.gateway.token_cache import TokenCache
 from shared import codes
 
 ACCESS_TOKEN_LIFETIME = timedelta(minutes=15)
@@ -109,8 +110,9 @@ async def _new_session(conn: asyncpg.Connection, account_id: uuid.UUID,
 
 
 class GatewayStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, token_cache_seconds: float = 0.0) -> None:
         self.pool = pool
+        self._tokens: TokenCache[Caller] = TokenCache(token_cache_seconds)
 
     async def create_therapist(self, email: str, display_name: str,
                                now: datetime) -> tuple[Account, str]:
@@ -198,16 +200,32 @@ class GatewayStore:
         async with self.pool.acquire() as conn, conn.transaction():
             return await _new_session(conn, account_id, now)
 
-    async def caller_for_access_token(self, token: str, now: datetime) -> Caller:
+    async def caller_for_access_token(self, token: str, now: datetime, *,
+                                      fresh: bool = False) -> Caller:
+        """Who holds ``token``; InvalidToken if it is unknown, expired or revoked.
+
+        A token verified in the last few seconds is answered from memory
+        (services/gateway/token_cache.py) unless ``fresh`` asks for the database.
+        """
+        digest = token_hash(token)
+        if not fresh:
+            cached = self._tokens.get(digest, now)
+            if cached is not None:
+                return cached
+        epoch = self._tokens.epoch
         row = await self.pool.fetchrow(
-            "SELECT a.*, s.id AS session_id FROM gateway.access_tokens t"
+            "SELECT a.*, s.id AS session_id, t.expires_at AS token_expires_at"
+            " FROM gateway.access_tokens t"
             " JOIN gateway.sessions s ON s.id = t.session_id"
             " JOIN gateway.accounts a ON a.id = s.account_id"
             " WHERE t.token_hash = $1 AND t.expires_at > $2 AND s.revoked_at IS NULL"
-            " AND a.status = 'active'", token_hash(token), now)
+            " AND a.status = 'active'", digest, now)
         if row is None:
             raise InvalidToken()
-        return Caller(_account(row), row["session_id"])
+        caller = Caller(_account(row), row["session_id"])
+        self._tokens.remember(digest, caller, caller.session_id, now=now,
+                              expires_at=row["token_expires_at"], epoch=epoch)
+        return caller
 
     async def refresh(self, refresh_token: str, now: datetime) -> tuple[Account, Tokens]:
         """Rotate a refresh token. Reuse of a rotated one revokes the whole session."""
@@ -229,12 +247,20 @@ class GatewayStore:
                     return _account(row), tokens
             # Reuse: revoke in its own committed transaction (on the connection
             # already held: a second one could starve the pool), then refuse.
-            await _revoke(conn, row["session_id"], "refresh token reused", now)
+            try:
+                await _revoke(conn, row["session_id"], "refresh token reused", now)
+            finally:
+                self._tokens.forget_session(row["session_id"])
             raise TokenReused()
 
     async def revoke_session(self, session_id: uuid.UUID, reason: str, now: datetime) -> None:
-        async with self.pool.acquire() as conn:
-            await _revoke(conn, session_id, reason, now)
+        try:
+            async with self.pool.acquire() as conn:
+                await _revoke(conn, session_id, reason, now)
+        finally:
+            # Also when the outcome is unknown: a cached token must not outlive
+            # a revocation that may have committed.
+            self._tokens.forget_session(session_id)
 
 
 async def _revoke(conn: asyncpg.Connection, session_id: uuid.UUID, reason: str,

@@ -192,7 +192,8 @@ class Connection:
 
     async def _still_valid(self) -> bool:
         try:
-            await self._request.app[STORE].caller_for_access_token(self.token, _now())
+            await self._request.app[STORE].caller_for_access_token(self.token, _now(),
+                                                                    fresh=True)
         except InvalidToken:
             return False
         except Exception:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from services.gateway.app import create_app
+from services.gateway.store import GatewayStore, InvalidToken
 from services.gateway.typedefs import POOL, SETTINGS, STORE
 from shared.internal_auth import Identity, sign_headers
 from tests.conftest import TEST_INTERNAL_KEY, TestEnv
@@ -109,6 +110,39 @@ async def test_logout_ends_the_session(stack: Stack) -> None:
     status, _ = await stack.call("POST", "/v1/auth/refresh",
                                  json={"refresh_token": therapist.refresh_token})
     assert status == 401
+
+
+async def test_token_memory_is_bounded_by_its_window_and_the_token_expiry(
+        stack: Stack) -> None:
+    """What another gateway replica would see: a session revoked behind this
+    store's back is refused once the short window has passed, at once when asked
+    fresh (as the stream's periodic re-check does), and never past expiry."""
+    therapist, _, _ = await new_pair(stack)
+    token = therapist.access_token
+    pool = stack.apps["gateway"][POOL]
+    store = GatewayStore(pool, token_cache_seconds=1)
+    now = datetime.now(UTC)
+    session_id = (await store.caller_for_access_token(token, now)).session_id
+    await pool.execute("UPDATE gateway.sessions SET revoked_at = now() WHERE id = $1",
+                       session_id)
+    # Within the window the remembered answer stands ...
+    assert (await store.caller_for_access_token(token, now)).session_id == session_id
+    # ... but not for a fresh check, nor once the window has passed.
+    with pytest.raises(InvalidToken):
+        await store.caller_for_access_token(token, now, fresh=True)
+    with pytest.raises(InvalidToken):
+        await store.caller_for_access_token(token, now + timedelta(seconds=1.5))
+    # A long window still ends with the token.
+    await pool.execute("UPDATE gateway.sessions SET revoked_at = NULL WHERE id = $1",
+                       session_id)
+    await pool.execute("UPDATE gateway.access_tokens SET expires_at = $2 WHERE session_id = $1",
+                       session_id, now + timedelta(seconds=2))
+    store = GatewayStore(pool, token_cache_seconds=60)
+    await store.caller_for_access_token(token, now)
+    assert (await store.caller_for_access_token(token, now + timedelta(seconds=1.9))
+            ).session_id == session_id
+    with pytest.raises(InvalidToken):
+        await store.caller_for_access_token(token, now + timedelta(seconds=2))
 
 
 async def test_repeated_login_failures_are_rate_limited(stack: Stack) -> None:
