@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,6 +150,9 @@ class Publisher:
 
 
 Handler = Callable[[aio_pika.abc.AbstractIncomingMessage], Awaitable[None]]
+# What must stay in order: messages with equal keys are handled one at a time, in
+# delivery order; messages with different keys may be handled concurrently.
+LaneKey = Callable[[aio_pika.abc.AbstractIncomingMessage], Hashable]
 
 
 @dataclass
@@ -160,33 +164,66 @@ class ConsumerState:
     dead_lettered: int = 0
     retried: int = 0
     reconnects: int = 0
+    # Set by the owner to stop taking messages: one not yet begun is left unacked
+    # (redelivered once the connection closes) and its handler is not called.
     stopping: bool = False
+    # Messages whose handler has begun and that are not yet settled (acked,
+    # nacked or rejected): what a graceful stop waits for.
+    in_hand: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
-                      state: ConsumerState) -> None:
+async def _run_handler(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
+                       state: ConsumerState) -> bool:
+    """Run ``handler`` and ack (or reject a poison message); False if it failed."""
     try:
         await handler(message)
     except PoisonMessage as exc:
         state.dead_lettered += 1
         log.warning("event dead-lettered", reason=str(exc), message_id=message.message_id)
         await message.reject(requeue=False)
-        return
+        return True
     except asyncio.CancelledError:
-        await message.nack(requeue=True)
+        # Back to the queue now; on a closed channel the broker does it anyway.
+        with contextlib.suppress(*CONNECTION_ERRORS):
+            await message.nack(requeue=True)
         raise
     except Exception:
         # The quorum queue counts deliveries and dead-letters after DELIVERY_LIMIT.
         state.retried += 1
         log.exception("event handler failed; will be redelivered", message_id=message.message_id)
-        # A pause before the requeue, so a short outage does not use up the
-        # delivery limit in milliseconds and dead-letter a good message.
-        await asyncio.sleep(REQUEUE_DELAY_SECONDS)
-        await message.nack(requeue=True)
-        return
+        return False
     await message.ack()
     state.handled += 1
+    return True
+
+
+async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
+                      state: ConsumerState, slot: asyncio.Semaphore | None = None) -> None:
+    """Handle ``message`` and settle it: ack, reject (poison) or nack for redelivery.
+
+    ``slot``, if given, is held while the handler runs (not during the pause
+    before a nack). Once ``state.stopping`` is set no handler begins: the
+    message waits here, unacked, to be cancelled with the loop, and the broker
+    redelivers it when the connection closes.
+    """
+    async with slot or contextlib.nullcontext():
+        if state.stopping:
+            await asyncio.get_running_loop().create_future()
+        state.in_hand += 1
+        try:
+            settled = await _run_handler(message, handler, state)
+        except BaseException:
+            state.in_hand -= 1
+            raise
+    try:
+        if not settled:
+            # A pause before the requeue, so a short outage does not use up the
+            # delivery limit in milliseconds and dead-letter a good message.
+            await asyncio.sleep(REQUEUE_DELAY_SECONDS)
+            await message.nack(requeue=True)
+    finally:
+        state.in_hand -= 1
 
 
 Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.AbstractQueue]]
@@ -194,18 +231,23 @@ Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.Abstra
 
 async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], handler: Handler,
                           state: ConsumerState, *, prefetch: int = 32,
-                          max_backoff: float = 5.0) -> None:
+                          max_backoff: float = 5.0, concurrency: int = 1,
+                          lane_key: LaneKey | None = None) -> None:
     """Consume ``queue_name`` until cancelled, reconnecting after any broker failure.
 
     The handler must commit its own effects before returning: the message is
     acked only afterwards. It raises :class:`PoisonMessage` for a message that
     can never succeed, which is then rejected to the dead-letter queue.
+
+    With ``concurrency`` > 1, up to that many messages are handled at once, but
+    messages with the same ``lane_key`` (default: each message its own) strictly
+    one after another, in delivery order. Each is acked on its own.
     """
     async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
         return await declare_consumer_queue(channel, queue_name, bindings)
 
     await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
-                        max_backoff=max_backoff)
+                        max_backoff=max_backoff, concurrency=concurrency, lane_key=lane_key)
 
 
 async def declare_transient_queue(channel: aio_pika.abc.AbstractChannel, name: str,
@@ -238,33 +280,106 @@ async def consume_transient_forever(url: str, queue_name: str, bindings: Sequenc
                         max_backoff=max_backoff)
 
 
+class _Lanes:
+    """Runs each message in a task of its own, at most ``limit`` handlers at once;
+    a message waits for the one before it with the same lane key to be settled."""
+
+    def __init__(self, handler: Handler, state: ConsumerState, limit: int,
+                 lane_key: LaneKey | None) -> None:
+        self._handler = handler
+        self._state = state
+        self._slots = asyncio.Semaphore(limit)
+        self._lane_key = lane_key
+        self._tails: dict[Hashable, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Set when a task fails outside its handler (e.g. an ack on a dead
+        # channel): the pump then ends and the loop reconnects.
+        self.failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def _key(self, message: aio_pika.abc.AbstractIncomingMessage) -> Hashable:
+        if self._lane_key is not None:
+            try:
+                return self._lane_key(message)
+            except Exception:
+                log.exception("lane key failed; the message gets a lane of its own",
+                              message_id=message.message_id)
+        return ("delivery", message.delivery_tag)
+
+    def submit(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        key = self._key(message)
+        task = asyncio.create_task(self._run(message, self._tails.get(key)))
+        self._tails[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(functools.partial(self._done, key))
+
+    async def _run(self, message: aio_pika.abc.AbstractIncomingMessage,
+                   before: asyncio.Task[None] | None) -> None:
+        if before is not None:
+            await asyncio.wait([before])  # its outcome is its own; this only waits
+        await _handle_one(message, self._handler, self._state, self._slots)
+
+    def _done(self, key: Hashable, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._tails.get(key) is task:
+            del self._tails[key]
+        if not task.cancelled() and (error := task.exception()) is not None \
+                and not self.failed.done():
+            self.failed.set_exception(error)
+
+    async def close(self) -> None:
+        """Cancel every message's task and wait for them all (unsettled ones are
+        redelivered when the connection closes)."""
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.failed.done():
+            self.failed.exception()  # retrieved: the pump has raised it, or another error
+        else:
+            self.failed.cancel()
+
+
 async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
                              messages: aio_pika.abc.AbstractQueueIterator, handler: Handler,
-                             state: ConsumerState) -> None:
+                             state: ConsumerState, *, concurrency: int = 1,
+                             lane_key: LaneKey | None = None) -> None:
     """Handle messages until the iterator ends or the connection closes.
 
     An idle iterator does not always notice that the broker went away, so the
-    connection's own close is watched too; whichever comes first ends the pump.
+    connection's own close is watched too; whichever comes first ends the pump,
+    and any message still being handled is cancelled (and redelivered).
     """
+    lanes = _Lanes(handler, state, concurrency, lane_key) if concurrency > 1 else None
 
     async def pump() -> None:
         async for message in messages:
-            await _handle_one(message, handler, state)
+            if lanes is None:
+                await _handle_one(message, handler, state)
+            else:
+                lanes.submit(message)
 
     pumping = asyncio.ensure_future(pump())
     closed = asyncio.ensure_future(connection.closed())
+    watched: set[asyncio.Future[Any]] = {pumping, closed}
+    if lanes is not None:
+        watched.add(lanes.failed)
     try:
-        await asyncio.wait({pumping, closed}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         if pumping.done():
             pumping.result()
+        if lanes is not None and lanes.failed.done():
+            lanes.failed.result()
     finally:
         for task in (pumping, closed):
             task.cancel()
         await asyncio.gather(pumping, closed, return_exceptions=True)
+        if lanes is not None:
+            await lanes.close()
 
 
 async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Handler,
-                        state: ConsumerState, *, prefetch: int, max_backoff: float) -> None:
+                        state: ConsumerState, *, prefetch: int, max_backoff: float,
+                        concurrency: int = 1, lane_key: LaneKey | None = None) -> None:
     backoff = 0.2
     while True:
         connection: aio_pika.abc.AbstractConnection | None = None
@@ -277,7 +392,8 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
             backoff = 0.2
             log.info("consumer connected", queue=queue_name)
             async with queue.iterator() as messages:
-                await _pump_until_closed(connection, messages, handler, state)
+                await _pump_until_closed(connection, messages, handler, state,
+                                         concurrency=concurrency, lane_key=lane_key)
             raise ConnectionError("consumer channel closed")
         except asyncio.CancelledError:
             raise

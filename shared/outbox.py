@@ -161,7 +161,12 @@ class OutboxRelay:
 
     async def _listen(self) -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=10)
-        await conn.add_listener(self._outbox.channel, self._on_notify)
+        try:
+            await conn.add_listener(self._outbox.channel, self._on_notify)
+        except BaseException:
+            # Cancelled (a stop right after start) or failed: nobody else holds it.
+            conn.terminate()
+            raise
         self.state.listening = True
         return conn
 

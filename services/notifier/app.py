@@ -3,7 +3,7 @@
 The database pool, the outbox relay, the delivery worker, the event consumer
 and the scheduler live in cleanup contexts: they start with the app and stop,
 in reverse order, when it shuts down (aiohttp's graceful shutdown on SIGTERM):
-the scheduler first, then the consumer after the message in hand, then the
+the scheduler first, then the consumer after the messages in hand, then the
 deliveries in flight, then the relay. The consumer and the scheduler take "now"
 from the injected clock; delivery retries run on the database's clock.
 """

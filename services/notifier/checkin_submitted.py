@@ -79,8 +79,9 @@ async def handle(tx: EventTransaction, event: Event, now: datetime) -> str:
     data = decode(event)
     # Serialises with a concurrent hours or agreement change for this therapist.
     await tx.lock_user(data.therapist_id)
-    outcome = plan(event, data, await tx.schedule_of(data.therapist_id),
-                   await tx.agreement_of(data.relationship_id), now)
+    schedule, agreement = await tx.schedule_and_agreement(data.therapist_id,
+                                                          data.relationship_id)
+    outcome = plan(event, data, schedule, agreement, now)
     if outcome.notification is not None:
         await tx.notify([outcome.notification])
     if outcome.held is not None:

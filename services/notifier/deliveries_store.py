@@ -1,4 +1,5 @@
-"""The SQL of deliveries: create them with their notification, claim, settle, list.
+"""The SQL of deliveries: claim, settle, list. They are created with their
+notification, in the same statement (:func:`services.notifier.store.insert_notifications`).
 
 A delivery is one notification for one channel; ``UNIQUE (notification_id,
 channel_id)`` makes it exist once however often the notification's work is
@@ -48,29 +49,6 @@ class Delivery:
     @classmethod
     def from_record(cls, record: Any) -> Delivery:
         return cls(**{k: record[k] for k in cls.__slots__})
-
-
-async def enqueue_deliveries(conn: asyncpg.Connection,
-                             notifications: Sequence[tuple[uuid.UUID, uuid.UUID, str]]) -> int:
-    """Create the deliveries of new ``(notification id, user id, kind)`` triples to
-    every verified channel of that user that takes the kind, in the caller's
-    transaction; returns how many. Wakes the delivery workers at commit."""
-    if not notifications:
-        return 0
-    ids, users, kinds = zip(*notifications, strict=True)
-    created = await conn.fetchval(
-        "/* enqueue_deliveries */ WITH created AS ("
-        " INSERT INTO notifier.deliveries (id, notification_id, channel_id, user_id,"
-        "  next_attempt_at)"
-        " SELECT gen_random_uuid(), n.id, c.id, c.user_id, now()"
-        " FROM unnest($1::uuid[], $2::uuid[], $3::text[]) AS n (id, user_id, kind)"
-        " JOIN notifier.channels c ON c.user_id = n.user_id AND n.kind = ANY (c.kinds)"
-        "  AND c.deleted_at IS NULL AND c.verified_at IS NOT NULL"
-        " ON CONFLICT (notification_id, channel_id) DO NOTHING RETURNING 1)"
-        # One round trip; the workers are woken (at commit) only if there is work.
-        " SELECT count(*) FROM created, LATERAL (SELECT pg_notify($4, '')) AS woken",
-        list(ids), list(users), list(kinds), DELIVERIES_CHANNEL)
-    return int(created)
 
 
 class DeliveryStore:

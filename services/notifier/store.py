@@ -16,10 +16,11 @@ from typing import Any
 
 import asyncpg
 
-from services.notifier.deliveries_store import enqueue_deliveries
+# Made in their own module, and re-exported here where the rest of the notifier looks.
+from services.notifier.notifications_store import NOTIFIER_OUTBOX as NOTIFIER_OUTBOX
+from services.notifier.notifications_store import NewNotification as NewNotification
+from services.notifier.notifications_store import insert_notifications as insert_notifications
 from shared.boundaries import Agreement
-from shared.events import NOTIFICATION_CREATED, NotificationEventData, new_event
-from shared.outbox import Outbox, add_events
 from shared.schedule import WeeklySchedule
 
 CHECKIN_RECEIVED = "checkin.received"
@@ -28,9 +29,6 @@ DIGEST = "digest"
 REMINDER_REPLY_DUE = "reminder.reply_due"
 
 KINDS = (CHECKIN_RECEIVED, REPLY_RECEIVED, DIGEST, REMINDER_REPLY_DUE)
-
-# notification.created events for live streams, relayed by the notifier itself.
-NOTIFIER_OUTBOX = Outbox(schema="notifier", channel="notifier_outbox")
 
 HELD_CHECKIN = "checkin"
 HELD_REPLY = "reply"
@@ -60,22 +58,6 @@ class StoreUnavailable(Exception):
 
 class NotificationNotFound(LookupError):
     """No such notification for this user."""
-
-
-@dataclass(frozen=True, slots=True)
-class NewNotification:
-    """A notification to create. ``created_at`` is when its event happened (or, for
-    an alert that was held, when it was delivered). ``details`` holds counts and
-    times only, never content or names."""
-
-    user_id: uuid.UUID
-    kind: str
-    relationship_id: uuid.UUID | None
-    message_id: uuid.UUID | None
-    actor_id: uuid.UUID | None
-    event_id: uuid.UUID | None
-    created_at: datetime
-    details: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,45 +175,6 @@ def schedule_from_row(value: Any) -> WeeklySchedule | None:
     return None if value is None else WeeklySchedule.from_json(value)
 
 
-async def insert_notifications(conn: asyncpg.Connection,
-                               notifications: Sequence[NewNotification]) -> list[uuid.UUID]:
-    """Insert ``notifications``; returns their ids (an existing one for a repeat of an
-    event and recipient, which the unique key refuses to create twice).
-
-    Every notification this creates is also, in the same transaction, announced
-    by a ``notification.created`` event in the notifier's outbox and queued for
-    delivery to each verified channel of its user that takes its kind; a repeat
-    creates neither again. This is the one place notifications are made.
-    """
-    ids: list[uuid.UUID] = []
-    created: list[tuple[uuid.UUID, NewNotification]] = []
-    for n in notifications:
-        new_id = await conn.fetchval(
-            "/* insert_notifications */ INSERT INTO notifier.notifications"
-            " (id, user_id, kind, relationship_id, message_id, actor_id, event_id,"
-            "  created_at, details)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-            " ON CONFLICT (event_id, user_id) DO NOTHING RETURNING id",
-            uuid.uuid4(), n.user_id, n.kind, n.relationship_id, n.message_id,
-            n.actor_id, n.event_id, n.created_at, n.details,
-        )
-        if new_id is None:
-            new_id = await conn.fetchval(
-                "/* insert_notifications */ SELECT id FROM notifier.notifications"
-                " WHERE event_id = $1 AND user_id = $2", n.event_id, n.user_id)
-        else:
-            created.append((new_id, n))
-        ids.append(new_id)
-    await add_events(conn, NOTIFIER_OUTBOX, [
-        new_event(NOTIFICATION_CREATED, NotificationEventData(
-            notification_id=new_id, user_id=n.user_id, kind=n.kind,
-            relationship_id=n.relationship_id, message_id=n.message_id, actor_id=n.actor_id,
-            details=n.details, created_at=n.created_at,
-        ), str(n.event_id or new_id)) for new_id, n in created])
-    await enqueue_deliveries(conn, [(new_id, n.user_id, n.kind) for new_id, n in created])
-    return ids
-
-
 class EventTransaction:
     """The queries an event handler may run, all inside its event's one transaction."""
 
@@ -253,6 +196,18 @@ class EventTransaction:
             "/* agreement_of */ SELECT terms FROM notifier.agreements"
             " WHERE relationship_id = $1", relationship_id)
         return Agreement() if terms is None else Agreement.from_json(terms)
+
+    async def schedule_and_agreement(self, therapist_id: uuid.UUID, relationship_id: uuid.UUID
+                                     ) -> tuple[WeeklySchedule | None, Agreement]:
+        """:meth:`schedule_of` and :meth:`agreement_of` in one round trip."""
+        row = await self._conn.fetchrow(
+            "/* schedule_and_agreement */ SELECT"
+            " (SELECT schedule FROM notifier.availability WHERE therapist_id = $1) AS schedule,"
+            " (SELECT terms FROM notifier.agreements WHERE relationship_id = $2) AS terms",
+            therapist_id, relationship_id)
+        terms = row["terms"]
+        return (schedule_from_row(row["schedule"]),
+                Agreement() if terms is None else Agreement.from_json(terms))
 
     async def save_availability(self, therapist_id: uuid.UUID, version: int,
                                 schedule: dict[str, Any] | None) -> bool:

@@ -9,6 +9,7 @@ import pytest
 
 from services.gateway.store import GatewayStore
 from services.gateway.typedefs import STORE
+from shared.amqp import Publisher
 from tests.support.stack import Person, Stack, running_stack
 
 if TYPE_CHECKING:
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 async def stack(test_env: TestEnv) -> AsyncIterator[Stack]:
     async with running_stack(test_env) as running:
         yield running
+
+
+@pytest.fixture
+async def publisher(test_env: TestEnv) -> AsyncIterator[Publisher]:
+    """A confirmed publisher on this run's vhost."""
+    publisher = Publisher(test_env.amqp_url)
+    try:
+        yield publisher
+    finally:
+        await publisher.close()
 
 
 def unique_email(prefix: str) -> str:

@@ -76,15 +76,6 @@ async def api(client: Client, method: str, path: str, user_id: uuid.UUID,
     return response.status, data
 
 
-@pytest.fixture
-async def publisher(test_env: TestEnv) -> AsyncIterator[Publisher]:
-    publisher = Publisher(test_env.amqp_url)
-    try:
-        yield publisher
-    finally:
-        await publisher.close()
-
-
 async def checkin_for(publisher: Publisher, therapist: uuid.UUID) -> uuid.UUID:
     """Publish a check-in to ``therapist`` from a new client; returns the event id."""
     client = uuid.uuid4()

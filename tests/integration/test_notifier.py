@@ -65,15 +65,6 @@ async def notifier(test_env: TestEnv) -> AsyncIterator[Notifier]:
     assert app[CONSUMER_TASK].done()
 
 
-@pytest.fixture
-async def publisher(test_env: TestEnv) -> AsyncIterator[Publisher]:
-    publisher = Publisher(test_env.amqp_url)
-    try:
-        yield publisher
-    finally:
-        await publisher.close()
-
-
 def message_event(event_type: str, *, therapist: uuid.UUID | None = None,
                   client: uuid.UUID | None = None) -> tuple[Event, MessageEventData]:
     therapist = therapist or uuid.uuid4()

@@ -88,15 +88,6 @@ async def running_notifier(test_env: TestEnv, clock: FakeClock, *,
     assert app[SCHEDULER_TASK].done()
 
 
-@pytest.fixture
-async def publisher(test_env: TestEnv) -> AsyncIterator[Publisher]:
-    publisher = Publisher(test_env.amqp_url)
-    try:
-        yield publisher
-    finally:
-        await publisher.close()
-
-
 @dataclass
 class Pair:
     """A therapist and a client in a relationship (ids only: the notifier knows no more)."""

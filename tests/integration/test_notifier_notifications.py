@@ -1,0 +1,151 @@
+"""Making notifications in one statement, against the real Postgres: the rows, their
+notification.created announcements, their deliveries and the wake-ups, each once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+import pytest
+
+from services.notifier.deliveries_store import DELIVERIES_CHANNEL
+from services.notifier.store import (
+    CHECKIN_RECEIVED,
+    DIGEST,
+    NOTIFIER_OUTBOX,
+    NewNotification,
+    insert_notifications,
+)
+from shared.db import create_pool
+from shared.events import NOTIFICATION_CREATED
+
+if TYPE_CHECKING:
+    from tests.conftest import TestEnv
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
+
+
+class CountingConnection:
+    """A connection that counts the statements sent through it."""
+
+    def __init__(self, conn: asyncpg.Connection) -> None:
+        self.conn = conn
+        self.statements = 0
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.conn, name)
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            self.statements += 1
+            return await method(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture(params=["service pool", "plain pool"])
+async def pool(request: pytest.FixtureRequest, test_env: TestEnv,
+               db_pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Pool]:
+    """With the services' jsonb codec and without it: the SQL works either way."""
+    if request.param == "plain pool":
+        yield db_pool
+        return
+    pool = await create_pool(test_env.database_url)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+async def add_channel(pool: asyncpg.Pool, user: uuid.UUID, kinds: list[str], *,
+                      verified: bool = True) -> uuid.UUID:
+    channel_id = uuid.uuid4()
+    await pool.execute(
+        "INSERT INTO notifier.channels (id, user_id, type, address, host, kinds, verified_at)"
+        " VALUES ($1, $2, 'email', $3, 'smtp.example.org:25', $4,"
+        "  CASE WHEN $5 THEN now() END)",
+        channel_id, user, f"{channel_id.hex}@example.org", kinds, verified)
+    return channel_id
+
+
+def checkin_alert(user: uuid.UUID, event_id: uuid.UUID) -> NewNotification:
+    return NewNotification(
+        user_id=user, kind=CHECKIN_RECEIVED, relationship_id=uuid.uuid4(),
+        message_id=uuid.uuid4(), actor_id=uuid.uuid4(), event_id=event_id,
+        created_at=datetime.now(UTC))
+
+
+async def outbox_of(pool: asyncpg.Pool, ids: list[uuid.UUID]) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT routing_key, payload::text AS payload FROM {NOTIFIER_OUTBOX.qualified}"
+        " WHERE payload->'data'->>'notification_id' = ANY ($1::text[]) ORDER BY id",
+        [str(i) for i in ids])
+    assert {row["routing_key"] for row in rows} <= {NOTIFICATION_CREATED}
+    return [json.loads(row["payload"]) for row in rows]
+
+
+async def test_one_statement_creates_rows_announcements_and_deliveries_once(
+    pool: asyncpg.Pool, test_env: TestEnv,
+) -> None:
+    user, event_id = uuid.uuid4(), uuid.uuid4()
+    channel = await add_channel(pool, user, [CHECKIN_RECEIVED, DIGEST])
+    await add_channel(pool, user, [CHECKIN_RECEIVED], verified=False)
+    await add_channel(pool, user, ["reply.received"])
+    alert = checkin_alert(user, event_id)
+    digest = NewNotification(user_id=user, kind=DIGEST, relationship_id=None, message_id=None,
+                             actor_id=None, event_id=None, created_at=datetime.now(UTC),
+                             details={"checkins": 2, "since": "2026-12-01T09:00:00+00:00"})
+
+    woken: list[str] = []
+    listener = await asyncpg.connect(test_env.database_url, timeout=10)
+    try:
+        for name in (NOTIFIER_OUTBOX.channel, DELIVERIES_CHANNEL):
+            await listener.add_listener(name, lambda _c, _p, channel, _m: woken.append(channel))
+        async with pool.acquire() as raw, raw.transaction():
+            await raw.execute("INSERT INTO notifier.inbox (event_id, event_type)"
+                              " VALUES ($1, 'checkin.submitted')", event_id)
+            conn = CountingConnection(raw)
+            ids = await insert_notifications(conn, [alert, alert, digest])  # type: ignore[arg-type]
+            assert conn.statements == 1
+        async with asyncio.timeout(5):
+            while len(set(woken)) < 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await listener.close()
+
+    assert ids[0] == ids[1] != ids[2]
+    rows = await pool.fetch("SELECT id, kind, details::text AS details"
+                            " FROM notifier.notifications WHERE user_id = $1", user)
+    assert {row["id"] for row in rows} == set(ids)
+    [stored_digest] = [row for row in rows if row["kind"] == DIGEST]
+    assert json.loads(stored_digest["details"]) == digest.details
+    announced = await outbox_of(pool, ids)
+    assert [a["data"]["notification_id"] for a in announced] == [str(ids[0]), str(ids[2])]
+    assert announced[0]["correlation_id"] == str(event_id)
+    assert announced[1]["data"]["details"] == digest.details
+    deliveries = await pool.fetch(
+        "SELECT notification_id, channel_id FROM notifier.deliveries WHERE user_id = $1", user)
+    assert sorted((d["notification_id"], d["channel_id"]) for d in deliveries) == sorted(
+        [(ids[0], channel), (ids[2], channel)])
+
+
+async def test_a_repeat_returns_the_first_id_and_creates_nothing(pool: asyncpg.Pool) -> None:
+    user, event_id = uuid.uuid4(), uuid.uuid4()
+    await add_channel(pool, user, [CHECKIN_RECEIVED])
+    await pool.execute("INSERT INTO notifier.inbox (event_id, event_type)"
+                       " VALUES ($1, 'checkin.submitted')", event_id)
+    async with pool.acquire() as conn, conn.transaction():
+        [first] = await insert_notifications(conn, [checkin_alert(user, event_id)])
+    async with pool.acquire() as conn, conn.transaction():
+        again = await insert_notifications(conn, [checkin_alert(user, event_id)])
+        assert await insert_notifications(conn, []) == []
+    assert again == [first]
+    assert len(await outbox_of(pool, [first])) == 1
+    assert await pool.fetchval(
+        "SELECT count(*) FROM notifier.deliveries WHERE notification_id = $1", first) == 1
+    assert await pool.fetchval(
+        "SELECT count(*) FROM notifier.notifications WHERE event_id = $1", event_id) == 1
