@@ -21,7 +21,8 @@ bench-install: $(PY)
 bench: bench-install
 	$(PY) -m bench.run $(BENCH_ARGS)
 
-# The same run with py-spy on each service during saturation; results and
+# The same run with py-spy on each service during saturation (or, with
+# BENCH_ARGS=--profile-phase=half, during the half-load phase); results and
 # profiles go to bench/results/profile/ (latest.json is left alone).
 profile: bench-install
 	$(PY) -m bench.run --profile $(BENCH_ARGS)

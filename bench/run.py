@@ -275,7 +275,7 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
         saturation_bodies = seal(pairs, per_client, args.seal_workers, "seal (saturation)")
         # The baseline does not check envelopes: it gets the same bodies again.
         replay = saturation_bodies.snapshot()
-        if args.profile:
+        if args.profile and args.profile_phase == "saturation":
             profilers = start_profilers(services, args.seconds, out)
         t_origin = time.time()
         saturation = await run_phase("closed", "interlude saturation", base, saturation_bodies,
@@ -288,8 +288,12 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
         rate = max(1.0, saturation.throughput / 2)
         per_client = math.ceil(rate * args.seconds / len(pairs)) + 2
         fixed_bodies = seal(pairs, per_client, args.seal_workers, "seal (half load)")
+        if args.profile and args.profile_phase == "half":
+            profilers = start_profilers(services, args.seconds, out)
         fixed = await run_phase("open", "interlude half load", base, fixed_bodies, args.seconds,
                                 rate=rate, foreign=foreign, pids=service_pids)
+        for profiler in profilers:
+            profiler.wait(timeout=args.seconds + 30)
         fixed_metrics = await settle(scratch.database_url, scratch.vhost, fixed, t_origin)
     finally:
         sampler.stop()
@@ -422,8 +426,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--enroll-concurrency", type=int, default=2)
     parser.add_argument("--seal-workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--profile", action="store_true",
-                        help="py-spy the services during saturation; results in "
+                        help="py-spy the services during one phase; results in "
                         "results/profile/ (latest.json is not overwritten)")
+    parser.add_argument("--profile-phase", choices=("saturation", "half"),
+                        default="saturation",
+                        help="the phase --profile samples (default: saturation)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
 
