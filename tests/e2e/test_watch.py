@@ -43,13 +43,23 @@ class Watch:
             text=True)
         self.err_lines: queue.Queue[str] = queue.Queue()
         self.err: list[str] = []
+        self._out: list[str] = []
+        # One reader per pipe, and nothing else reads them: a communicate() here
+        # would race the stderr reader for the last line.
         self._reader = threading.Thread(target=self._read_err, daemon=True)
         self._reader.start()
+        self._out_reader = threading.Thread(target=self._read_out, daemon=True)
+        self._out_reader.start()
 
     def _read_err(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
             self.err_lines.put(line)
+
+    def _read_out(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._out.append(line)
 
     def wait_for_err(self, needle: str, timeout: float = CONNECT_WAIT) -> None:
         deadline = time.monotonic() + timeout
@@ -66,19 +76,28 @@ class Watch:
     def finish(self, timeout: float = WATCH_TIMEOUT + 15) -> tuple[int, str, str]:
         """Wait for the process to end by itself: (exit code, stdout, stderr)."""
         try:
-            out, _ = self.process.communicate(timeout=timeout)
+            self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop()
             pytest.fail(f"watch did not end within {timeout} s; stderr: {''.join(self.err)}")
-        self._reader.join(5)
+        self._close_pipes()
         while not self.err_lines.empty():
             self.err.append(self.err_lines.get())
-        return self.process.returncode, out, "".join(self.err)
+        return self.process.returncode, "".join(self._out), "".join(self.err)
+
+    def _close_pipes(self) -> None:
+        """After the process ended: let the readers reach the end, then close."""
+        self._reader.join(5)
+        self._out_reader.join(5)
+        for pipe in (self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                pipe.close()
 
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(10)
+        self._close_pipes()
 
 
 def _frames(out: str) -> list[dict[str, Any]]:
