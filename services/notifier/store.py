@@ -175,6 +175,10 @@ def schedule_from_row(value: Any) -> WeeklySchedule | None:
     return None if value is None else WeeklySchedule.from_json(value)
 
 
+def agreement_from_row(terms: Any) -> Agreement:
+    return Agreement() if terms is None else Agreement.from_json(terms)
+
+
 class EventTransaction:
     """The queries an event handler may run, all inside its event's one transaction."""
 
@@ -183,31 +187,22 @@ class EventTransaction:
 
     # --- the read model ---------------------------------------------------------------
 
-    async def schedule_of(self, therapist_id: uuid.UUID) -> WeeklySchedule | None:
-        """The therapist's office hours; None until known, or when they set none."""
-        value = await self._conn.fetchval(
-            "/* schedule_of */ SELECT schedule FROM notifier.availability"
-            " WHERE therapist_id = $1", therapist_id)
-        return schedule_from_row(value)
-
     async def agreement_of(self, relationship_id: uuid.UUID) -> Agreement:
         """The relationship's agreement; the defaults until one is known."""
-        terms = await self._conn.fetchval(
+        return agreement_from_row(await self._conn.fetchval(
             "/* agreement_of */ SELECT terms FROM notifier.agreements"
-            " WHERE relationship_id = $1", relationship_id)
-        return Agreement() if terms is None else Agreement.from_json(terms)
+            " WHERE relationship_id = $1", relationship_id))
 
     async def schedule_and_agreement(self, therapist_id: uuid.UUID, relationship_id: uuid.UUID
                                      ) -> tuple[WeeklySchedule | None, Agreement]:
-        """:meth:`schedule_of` and :meth:`agreement_of` in one round trip."""
+        """The therapist's office hours (None until known, or when they set none) and
+        the relationship's agreement (the defaults until known), in one round trip."""
         row = await self._conn.fetchrow(
             "/* schedule_and_agreement */ SELECT"
             " (SELECT schedule FROM notifier.availability WHERE therapist_id = $1) AS schedule,"
             " (SELECT terms FROM notifier.agreements WHERE relationship_id = $2) AS terms",
             therapist_id, relationship_id)
-        terms = row["terms"]
-        return (schedule_from_row(row["schedule"]),
-                Agreement() if terms is None else Agreement.from_json(terms))
+        return schedule_from_row(row["schedule"]), agreement_from_row(row["terms"])
 
     async def save_availability(self, therapist_id: uuid.UUID, version: int,
                                 schedule: dict[str, Any] | None) -> bool:
