@@ -27,6 +27,11 @@ DEAD_LETTER_EXCHANGE = "interlude.dead"
 # How often a failing handler is retried before the broker dead-letters it.
 DELIVERY_LIMIT = 5
 REQUEUE_DELAY_SECONDS = 1.0
+# Transient queues ack in batches: every socket write costs (see
+# consume_transient_forever). The batch stays well under their prefetch.
+ACK_BATCH = 64
+ACK_DELAY_SECONDS = 0.05
+ACK_FLUSH_TIMEOUT_SECONDS = 2.0
 
 log = structlog.get_logger(__name__)
 
@@ -268,16 +273,98 @@ async def declare_transient_queue(channel: aio_pika.abc.AbstractChannel, name: s
 
 async def consume_transient_forever(url: str, queue_name: str, bindings: Sequence[str],
                                     handler: Handler, state: ConsumerState, *,
-                                    prefetch: int = 256, max_backoff: float = 5.0) -> None:
+                                    prefetch: int = 256, max_backoff: float = 5.0,
+                                    ack_batch: int = ACK_BATCH,
+                                    ack_delay: float = ACK_DELAY_SECONDS) -> None:
     """Like :func:`consume_forever`, but on an exclusive auto-delete queue that is
     declared again after every reconnect. What was published while the
     connection was down is not in it: the caller must not need it (or recover
-    it some other way)."""
+    it some other way).
+
+    The messages are hints, handled one at a time. ``handler`` should never
+    raise; if it does, the error is logged and the message is dropped (counted
+    as handled and acked), never requeued. Acks go out in batches, one
+    ``basic.ack`` with ``multiple`` for the latest handled message, once
+    ``ack_batch`` are waiting or ``ack_delay`` seconds after the first of them,
+    and for what is waiting when the consumer stops (if the channel still lives;
+    otherwise the queue goes with the connection anyway).
+    """
+    if not 0 < ack_batch <= prefetch:
+        raise ValueError("ack_batch must be between 1 and the prefetch")
+
     async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
         return await declare_transient_queue(channel, queue_name, bindings)
 
     await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
-                        max_backoff=max_backoff)
+                        max_backoff=max_backoff, batching=_Batching(ack_batch, ack_delay))
+
+
+@dataclass(frozen=True)
+class _Batching:
+    limit: int
+    delay: float
+
+
+class _BatchedAcks:
+    """Acks the messages of a serial pump together: ``basic.ack`` with ``multiple``
+    for the latest handled one (so every earlier delivery on the channel, all
+    handled already, goes with it). One socket write instead of ``limit``."""
+
+    def __init__(self, batching: _Batching) -> None:
+        self._batching = batching
+        self._latest: aio_pika.abc.AbstractIncomingMessage | None = None
+        self._waiting = 0
+        self._first_at = 0.0
+        self._some = asyncio.Event()
+        # An ack with a lower tag after one with a higher tag would be an unknown
+        # delivery tag to the broker, which closes the channel: keep them in order.
+        self._sending = asyncio.Lock()
+
+    async def handled(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        self._latest = message
+        self._waiting += 1
+        if self._waiting == 1:
+            self._first_at = asyncio.get_running_loop().time()
+            self._some.set()
+        if self._waiting >= self._batching.limit:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Ack everything handled so far, if anything."""
+        async with self._sending:
+            message, self._latest, self._waiting = self._latest, None, 0
+            self._some.clear()
+            if message is not None:
+                await message.ack(multiple=True)
+
+    async def flush_when_due(self) -> None:
+        """Runs beside the pump: flushes ``delay`` after the first waiting message."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._some.wait()
+            wait = self._first_at + self._batching.delay - loop.time()
+            if wait > 0:
+                # Then look again: a full batch may have gone out meanwhile.
+                await asyncio.sleep(wait)
+            else:
+                await self.flush()
+
+
+async def _handle_hint(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
+                       state: ConsumerState, acks: _BatchedAcks) -> None:
+    if state.stopping:
+        await asyncio.get_running_loop().create_future()
+    state.in_hand += 1
+    try:
+        await handler(message)
+    except Exception:
+        log.exception("transient handler failed; the message is dropped",
+                      message_id=message.message_id)
+    finally:
+        state.in_hand -= 1
+    # Taken off the queue for good: its ack goes with the batch.
+    state.handled += 1
+    await acks.handled(message)
 
 
 class _Lanes:
@@ -342,18 +429,25 @@ class _Lanes:
 async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
                              messages: aio_pika.abc.AbstractQueueIterator, handler: Handler,
                              state: ConsumerState, *, concurrency: int = 1,
-                             lane_key: LaneKey | None = None) -> None:
+                             lane_key: LaneKey | None = None,
+                             batching: _Batching | None = None) -> None:
     """Handle messages until the iterator ends or the connection closes.
 
     An idle iterator does not always notice that the broker went away, so the
     connection's own close is watched too; whichever comes first ends the pump,
     and any message still being handled is cancelled (and redelivered).
+
+    With ``batching`` (transient queues: serial, handler errors dropped) acks
+    are batched, and what is waiting is flushed when the pump ends.
     """
     lanes = _Lanes(handler, state, concurrency, lane_key) if concurrency > 1 else None
+    acks = _BatchedAcks(batching) if batching is not None else None
 
     async def pump() -> None:
         async for message in messages:
-            if lanes is None:
+            if acks is not None:
+                await _handle_hint(message, handler, state, acks)
+            elif lanes is None:
                 await _handle_one(message, handler, state)
             else:
                 lanes.submit(message)
@@ -363,23 +457,41 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
     watched: set[asyncio.Future[Any]] = {pumping, closed}
     if lanes is not None:
         watched.add(lanes.failed)
+    flushing = asyncio.ensure_future(acks.flush_when_due()) if acks is not None else None
+    if flushing is not None:
+        watched.add(flushing)  # it ends only by failing (an ack on a dead channel)
     try:
         await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         if pumping.done():
             pumping.result()
         if lanes is not None and lanes.failed.done():
             lanes.failed.result()
+        if flushing is not None and flushing.done():
+            flushing.result()
     finally:
-        for task in (pumping, closed):
+        tasks = [t for t in (pumping, closed, flushing) if t is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(pumping, closed, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if lanes is not None:
             await lanes.close()
+        if acks is not None:
+            await _flush_on_stop(acks)
+
+
+async def _flush_on_stop(acks: _BatchedAcks) -> None:
+    # Best effort: on a dead channel there is nothing to ack (an exclusive queue
+    # dies with its connection); the timeout keeps a stuck socket from holding
+    # up the stop.
+    with contextlib.suppress(*CONNECTION_ERRORS):
+        async with asyncio.timeout(ACK_FLUSH_TIMEOUT_SECONDS):
+            await acks.flush()
 
 
 async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Handler,
                         state: ConsumerState, *, prefetch: int, max_backoff: float,
-                        concurrency: int = 1, lane_key: LaneKey | None = None) -> None:
+                        concurrency: int = 1, lane_key: LaneKey | None = None,
+                        batching: _Batching | None = None) -> None:
     backoff = 0.2
     while True:
         connection: aio_pika.abc.AbstractConnection | None = None
@@ -393,7 +505,8 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
             log.info("consumer connected", queue=queue_name)
             async with queue.iterator() as messages:
                 await _pump_until_closed(connection, messages, handler, state,
-                                         concurrency=concurrency, lane_key=lane_key)
+                                         concurrency=concurrency, lane_key=lane_key,
+                                         batching=batching)
             raise ConnectionError("consumer channel closed")
         except asyncio.CancelledError:
             raise

@@ -9,8 +9,11 @@ twice, or twice at the same time, applies each file exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 
@@ -55,6 +58,40 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
     # as pure overhead on the check-in path (docs/performance.md).
     if conn.is_in_transaction():
         await conn.execute("ROLLBACK")
+
+
+def uuid_literal(value: uuid.UUID) -> str:
+    """``value`` as an SQL string literal, for statements sent without parameters
+    (a UUID's text is only hex digits and dashes; anything else is refused)."""
+    if not isinstance(value, uuid.UUID):
+        raise TypeError(f"expected a UUID, got {type(value).__name__}")
+    return f"'{value}'"
+
+
+@contextlib.asynccontextmanager
+async def transaction_opened_with(conn: asyncpg.Connection, prelude: str) -> AsyncIterator[str]:
+    """A transaction whose ``BEGIN`` travels with ``prelude`` in one round trip.
+
+    ``prelude`` is one or more statements *without parameters* (a simple query:
+    take a lock whose key is spliced in with :func:`uuid_literal`, say); their
+    rows are discarded, and the status of the last one (``"INSERT 0 1"``, say)
+    is what the context manager gives. Commits on a clean exit, rolls back otherwise, like
+    ``conn.transaction()``, which would spend a round trip on ``BEGIN`` alone.
+    """
+    try:
+        status: str = await conn.execute(f"BEGIN; {prelude}")
+        yield status
+    except BaseException:
+        if not conn.is_closed() and conn.is_in_transaction():
+            # A broken connection cannot roll back; the pool discards it, and the
+            # server ends the transaction with the session.
+            with contextlib.suppress(Exception):
+                await conn.execute("ROLLBACK")
+        raise
+    status = await conn.execute("COMMIT")
+    if status != "COMMIT":
+        # COMMIT of a transaction that failed inside answers ROLLBACK, not an error.
+        raise asyncpg.InterfaceError(f"the transaction did not commit ({status})")
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,

@@ -305,6 +305,11 @@ class StreamHub:
 
     async def on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """The AMQP handler: route one event; never raises (a copy is only a hint)."""
+        if not self._by_user:
+            # Nobody here to push to. A socket opened later recovers notifications
+            # with resume; a held reply it would have got from a timer (the delay
+            # window) still comes as a reply.received notification.
+            return
         try:
             self.dispatch(decode_event(message.body), _now())
         except MalformedEvent as exc:

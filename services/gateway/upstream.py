@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -17,10 +16,29 @@ UPSTREAM_TIMEOUT = aiohttp.ClientTimeout(total=10, connect=3)
 RETRY_AFTER_SECONDS = "2"
 
 
-@dataclass(frozen=True, slots=True)
 class UpstreamResponse:
-    status: int
-    data: Any
+    """An internal service's answer: its status and JSON body, parsed on first use
+    (a route that passes the body on as it is never parses it)."""
+
+    __slots__ = ("_data", "_parsed", "is_json", "raw", "status")
+
+    def __init__(self, status: int, raw: bytes, *, is_json: bool = True) -> None:
+        self.status = status
+        self.raw = raw
+        self.is_json = is_json          # the service said its body is JSON
+        self._data: Any = None
+        self._parsed = False
+
+    @property
+    def data(self) -> Any:
+        """The body as JSON; None when there is none or it is not JSON."""
+        if not self._parsed:
+            self._parsed = True
+            try:
+                self._data = json.loads(self.raw) if self.raw else None
+            except ValueError:
+                self._data = None
+        return self._data
 
 
 class Upstream:
@@ -50,22 +68,19 @@ class Upstream:
                                              timeout=UPSTREAM_TIMEOUT) as response:
                 raw = await response.read()
                 status = response.status
+                is_json = response.content_type == "application/json"
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("upstream unreachable", upstream=self.name, error=exc.__class__.__name__)
             raise ApiError(503, "unavailable", f"the {self.name} service is unavailable; "
                            "try again shortly", headers={"Retry-After": RETRY_AFTER_SECONDS}
                            ) from None
-        try:
-            data = json.loads(raw) if raw else None
-        except ValueError:
-            data = None
         if status >= 500:
             log.error("upstream failed", upstream=self.name, status=status)
             if status == 503:
                 raise ApiError(503, "unavailable", f"the {self.name} service is unavailable; "
                                "try again shortly", headers={"Retry-After": RETRY_AFTER_SECONDS})
             raise ApiError(502, "upstream_error", f"the {self.name} service failed")
-        return UpstreamResponse(status, data)
+        return UpstreamResponse(status, raw, is_json=is_json)
 
     async def ready(self) -> bool:
         try:

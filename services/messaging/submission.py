@@ -3,15 +3,16 @@
 Every round trip to Postgres costs about as much CPU as the rest of the request
 on a small machine (docs/performance.md), so a submit is shaped around them:
 
-1. ``BEGIN``
-2. one query: the relationship (if the sender is in it), both members' device
-   keys, the therapist's office hours and absences, the agreement, and the
-   relationship's lock, held to the end of the transaction;
-3. for a check-in, the count of check-ins this period, read *after* the lock so
-   it sees every check-in committed before ours;
-4. one statement inserting the message, its event in the outbox (with the
+1. ``BEGIN`` and the relationship's lock, held to the end of the transaction,
+   in one simple query;
+2. one query, read *after* the lock so it sees every message committed before
+   ours: the relationship (if the sender is in it), both members' device keys,
+   the therapist's office hours and absences, the agreement and, for a
+   check-in, when the relationship's recent check-ins arrived (to count this
+   period's);
+3. one statement inserting the message, its event in the outbox (with the
    relay's NOTIFY) and the Idempotency-Key, if any;
-5. ``COMMIT``.
+4. ``COMMIT``.
 
 One writer per relationship at a time: check-ins are numbered in order (1 and 2,
 never 1 and 1), and a message's place in the delivery order commits before the
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -43,6 +44,7 @@ from services.messaging.store import (
     message_from_row,
 )
 from shared.boundaries import Agreement
+from shared.db import transaction_opened_with, uuid_literal
 from shared.events import CHECKIN_SUBMITTED, REPLY_SENT, MessageEventData, new_event
 from shared.schedule import WeeklySchedule
 
@@ -53,6 +55,10 @@ class SubmitContext:
     devices: list[Device]               # both members', ordered by user and device
     schedule: WeeklySchedule | None     # the therapist's office hours; None if unset
     agreement: Agreement
+    # For a check-in: when the relationship's newest check-ins (at most
+    # RECENT_CHECKINS of them) arrived, since ``checkins_since``.
+    recent_checkins: list[datetime]
+    checkins_since: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +89,14 @@ class NewMessage:
     envelope: bytes
 
 
-_CONTEXT_AND_LOCK = (
+# How far back the context query looks for check-ins: any period (a day, or a
+# week from Monday's midnight in the therapist's zone) began within it.
+CHECKIN_LOOKBACK = timedelta(days=8)
+# At most this many are fetched; a client with more in the look-back (far beyond
+# any agreement) is counted with a query of its own.
+RECENT_CHECKINS = 64
+
+_CONTEXT = (
     "SELECT r.id, r.therapist_id, r.client_id, r.status, r.created_at,"
     " ARRAY(SELECT d FROM messaging.devices d"
     "       WHERE d.user_id IN (r.therapist_id, r.client_id)"
@@ -93,8 +106,10 @@ _CONTEXT_AND_LOCK = (
     " ARRAY(SELECT ab FROM messaging.absences ab WHERE ab.therapist_id = r.therapist_id"
     "       ORDER BY ab.first_day, ab.id) AS absences,"
     " (SELECT g.terms FROM messaging.agreements g WHERE g.relationship_id = r.id) AS agreement,"
-    # The same key as store.lock_relationship (a uuid's text is its str()).
-    " pg_advisory_xact_lock(hashtext(r.id::text)) AS locked"
+    # Nothing for a reply ($3 is NULL: no row is >= NULL).
+    " ARRAY(SELECT m.created_at FROM messaging.messages m WHERE m.relationship_id = r.id"
+    "       AND m.kind = 'checkin' AND m.created_at >= $3::timestamptz"
+    f"       ORDER BY m.created_at DESC LIMIT {RECENT_CHECKINS}) AS recent_checkins"
     " FROM messaging.relationships r"
     " LEFT JOIN messaging.availability a ON a.therapist_id = r.therapist_id"
     " WHERE r.id = $1 AND $2 IN (r.therapist_id, r.client_id)"
@@ -127,7 +142,7 @@ _INSERT_MESSAGE = (
 )
 
 
-def _context(row: asyncpg.Record) -> SubmitContext:
+def _context(row: asyncpg.Record, checkins_since: datetime | None) -> SubmitContext:
     relationship = Relationship(row["id"], row["therapist_id"], row["client_id"],
                                 row["status"], row["created_at"])
     hours = None if row["tz"] is None else {
@@ -139,6 +154,8 @@ def _context(row: asyncpg.Record) -> SubmitContext:
         devices=[device_from_row(d) for d in row["devices"]],
         schedule=availability.schedule,
         agreement=Agreement() if terms is None else Agreement.from_json(terms),
+        recent_checkins=list(row["recent_checkins"]),
+        checkins_since=checkins_since,
     )
 
 
@@ -148,6 +165,20 @@ class Submission:
     def __init__(self, conn: asyncpg.Connection, context: SubmitContext) -> None:
         self._conn = conn
         self.context = context
+
+    async def _checkins_since(self, start: datetime) -> int:
+        """How many of the relationship's check-ins arrived at or after ``start``."""
+        ctx = self.context
+        recent = ctx.recent_checkins
+        if ctx.checkins_since is not None and ctx.checkins_since <= start \
+                and len(recent) < RECENT_CHECKINS:
+            return sum(1 for at in recent if at >= start)
+        # Not covered by what the context read (never expected with the periods
+        # there are): ask. Still under the lock, so still exact.
+        count: int = await self._conn.fetchval(
+            "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
+            " AND kind = 'checkin' AND created_at >= $2", ctx.relationship.id, start)
+        return count
 
     async def store(self, message: NewMessage, *, idempotency_key: str | None,
                     request_hash: bytes, correlation_id: str, decide: Decide,
@@ -179,9 +210,7 @@ class Submission:
         rel = message.relationship
         used = 0
         if message.kind == "checkin" and period_start is not None:
-            used = 1 + await conn.fetchval(
-                "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
-                " AND kind = 'checkin' AND created_at >= $2", rel.id, period_start)
+            used = 1 + await self._checkins_since(period_start)
         terms = decide(used)
         event = new_event(
             CHECKIN_SUBMITTED if message.kind == "checkin" else REPLY_SENT,
@@ -220,14 +249,22 @@ class Submission:
 
 @asynccontextmanager
 async def begin_submission(pool: asyncpg.Pool, relationship_id: uuid.UUID,
-                           member_id: uuid.UUID) -> AsyncIterator[Submission]:
+                           member_id: uuid.UUID, *, checkins_since: datetime | None = None
+                           ) -> AsyncIterator[Submission]:
     """Open a submission to the relationship for ``member_id``; commits on a clean exit.
+
+    For a check-in, pass ``checkins_since`` (at most :data:`CHECKIN_LOOKBACK`
+    ago): the check-ins since then are read with the context, so counting this
+    period's costs no round trip of its own.
 
     Raises NotFound, as :meth:`MessagingStore.relationship_for_member` does, when
     there is no such relationship or ``member_id`` is not in it (never 'forbidden').
     """
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(_CONTEXT_AND_LOCK, relationship_id, member_id)
+    # The same key as store.lock_relationship (hashtext of the id's text). It is
+    # taken before membership is known: a stranger holds it for one round trip.
+    lock = f"SELECT pg_advisory_xact_lock(hashtext({uuid_literal(relationship_id)}))"
+    async with pool.acquire() as conn, transaction_opened_with(conn, lock):
+        row = await conn.fetchrow(_CONTEXT, relationship_id, member_id, checkins_since)
         if row is None:
             raise NotFound("no such relationship")
-        yield Submission(conn, _context(row))
+        yield Submission(conn, _context(row, checkins_since))

@@ -8,6 +8,7 @@ scheduler's queries live in :mod:`services.notifier.scheduler_store`.
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from services.notifier.notifications_store import NOTIFIER_OUTBOX as NOTIFIER_OU
 from services.notifier.notifications_store import NewNotification as NewNotification
 from services.notifier.notifications_store import insert_notifications as insert_notifications
 from shared.boundaries import Agreement
+from shared.db import transaction_opened_with, uuid_literal
 from shared.schedule import WeeklySchedule
 
 CHECKIN_RECEIVED = "checkin.received"
@@ -36,6 +38,8 @@ HELD_REPLY = "reply"
 # Advisory locks on a recipient take (namespace, key); the namespace keeps them
 # apart from any other two-key advisory lock on the database.
 RECIPIENT_LOCK_NAMESPACE = 0x1D7E_0002
+# Event types that may be spliced into SQL text as they are (every real one).
+_PLAIN_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 
 _COLUMNS = ("id, user_id, kind, relationship_id, message_id, actor_id, event_id, created_at,"
             " read_at, details")
@@ -182,8 +186,11 @@ def agreement_from_row(terms: Any) -> Agreement:
 class EventTransaction:
     """The queries an event handler may run, all inside its event's one transaction."""
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(self, conn: asyncpg.Connection, *,
+                 locked: uuid.UUID | None = None) -> None:
         self._conn = conn
+        # Users whose lock this transaction holds already (taken with BEGIN).
+        self._locked: set[uuid.UUID] = set() if locked is None else {locked}
 
     # --- the read model ---------------------------------------------------------------
 
@@ -255,9 +262,12 @@ class EventTransaction:
         held concurrently), and no scheduler builds that therapist's digest from
         rows half re-planned (it only try-locks, and skips them this tick).
         """
+        if user_id in self._locked:
+            return
         await self._conn.execute(
             "/* lock_user */ SELECT pg_advisory_xact_lock($1, $2)",
             RECIPIENT_LOCK_NAMESPACE, recipient_lock_key(user_id))
+        self._locked.add(user_id)
 
     async def held_checkins_for(self, therapist_id: uuid.UUID) -> list[HeldAlert]:
         rows = await self._conn.fetch(
@@ -340,22 +350,42 @@ class NotifierStore:
     def pool(self) -> asyncpg.Pool:
         return self._pool
 
-    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork) -> bool:
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork, *,
+                           lock_user: uuid.UUID | None = None) -> bool:
         """Record ``event_id`` in the inbox and run ``work``, in one transaction.
 
         Returns False, and runs nothing, if the event was recorded before. An
-        exception from ``work`` rolls back the inbox entry too.
+        exception from ``work`` rolls back the inbox entry too. With
+        ``lock_user``, that user's lock (:meth:`EventTransaction.lock_user`) is
+        taken first, and the lock, ``BEGIN`` and the inbox entry cost one round
+        trip together (the lock before the entry: a redelivered copy handled
+        elsewhere at the same moment waits for the lock, then finds the entry).
         """
-        async with reachable(), self._pool.acquire() as conn, conn.transaction():
-            inserted = await conn.fetchval(
-                "/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
-                " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
-                event_id, event_type,
-            )
-            if not inserted:
-                return False
-            await work(EventTransaction(conn))
-            return True
+        lock = "" if lock_user is None else (
+            "SELECT pg_advisory_xact_lock("
+            f"{RECIPIENT_LOCK_NAMESPACE:d}, {recipient_lock_key(lock_user):d}); ")
+        async with reachable(), self._pool.acquire() as conn:
+            if _PLAIN_EVENT_TYPE.fullmatch(event_type):
+                # A simple query (no parameters): the id is a UUID's text, the
+                # type checked above. Its status says whether a row went in.
+                inbox = ("/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
+                         f" VALUES ({uuid_literal(event_id)}, '{event_type}')"
+                         " ON CONFLICT (event_id) DO NOTHING")
+                async with transaction_opened_with(conn, lock + inbox) as status:
+                    if status != "INSERT 0 1":
+                        return False
+                    await work(EventTransaction(conn, locked=lock_user))
+                    return True
+            async with transaction_opened_with(conn, lock or "SELECT 1"):
+                inserted = await conn.fetchval(
+                    "/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
+                    " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
+                    event_id, event_type,
+                )
+                if not inserted:
+                    return False
+                await work(EventTransaction(conn, locked=lock_user))
+                return True
 
     async def record_event(self, event_id: uuid.UUID, event_type: str,
                            notifications: Sequence[NewNotification]) -> bool:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import uuid
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from services.messaging import submission
 from services.messaging.typedefs import POOL
 from tests.integration.conftest import new_pair
 from tests.support.stack import Person, Stack
@@ -123,6 +125,31 @@ async def test_checkins_beyond_the_agreement_are_accepted_and_flagged(stack: Sta
     assert second["reason"] == "beyond_agreement"
     status, page = await stack.call("GET", f"/v1/relationships/{rid}/messages", therapist)
     assert len(page["items"]) == 2  # never refused, never dropped
+
+
+async def test_concurrent_checkins_are_counted_one_after_another(stack: Stack) -> None:
+    """Sent at once, five check-ins are numbered 1 to 5: each is counted under the
+    relationship's lock, after the ones committed before it."""
+    therapist, client, rid = await new_pair(stack)
+    await set_hours(stack, therapist, ALWAYS)
+    envelopes = [await stack.envelope(client, rid, f"at once {i}") for i in range(5)]
+    results = await asyncio.wait_for(asyncio.gather(
+        *(stack.post(client, rid, e) for e in envelopes)), timeout=30)
+    assert [status for status, _ in results] == [201] * 5, results
+    used = sorted(data["expectation"]["used"] for _, data in results)
+    assert used == [1, 2, 3, 4, 5]
+
+
+async def test_checkins_past_what_the_context_reads_are_still_counted(
+        stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More recent check-ins than the context query returns: the count asks the
+    database instead, and is still exact."""
+    monkeypatch.setattr(submission, "RECENT_CHECKINS", 2)
+    therapist, client, rid = await new_pair(stack)
+    await set_hours(stack, therapist, ALWAYS)
+    used = [(await checkin(stack, client, rid, f"n{i}"))["expectation"]["used"]
+            for i in range(4)]
+    assert used == [1, 2, 3, 4]
 
 
 async def test_a_retry_is_told_the_same_thing(stack: Stack) -> None:

@@ -234,10 +234,11 @@ class _SlowStore(NotifierStore):
         super().__init__(pool)
         self.entered = asyncio.Event()
 
-    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: Any) -> bool:
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: Any, *,
+                           lock_user: uuid.UUID | None = None) -> bool:
         self.entered.set()
         await asyncio.sleep(0.5)
-        return await super().handle_event(event_id, event_type, work)
+        return await super().handle_event(event_id, event_type, work, lock_user=lock_user)
 
 
 async def test_stop_lets_the_message_in_hand_commit(

@@ -44,7 +44,8 @@ class GatedStore(NotifierStore):
         self.most_active: dict[uuid.UUID, int] = {}
         self._pause = pause
 
-    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork) -> bool:
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork, *,
+                           lock_user: uuid.UUID | None = None) -> bool:
         therapist = self.therapist_of.get(event_id, event_id)
 
         async def gated(tx: object) -> None:
@@ -61,7 +62,7 @@ class GatedStore(NotifierStore):
             finally:
                 self.active[therapist] -= 1
 
-        recorded = await super().handle_event(event_id, event_type, gated)
+        recorded = await super().handle_event(event_id, event_type, gated, lock_user=lock_user)
         self.committed.append(event_id)
         return recorded
 

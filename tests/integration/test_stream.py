@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from aiohttp.test_utils import TestServer
 
 from services.gateway import stream as stream_module
@@ -446,6 +447,47 @@ async def test_stream_consumer_comes_back_after_losing_the_broker(
     finally:
         await publisher.close()
     await frames_until(ws, is_notification(mine))
+    await ws.close()
+
+
+def _queue_depth(vhost: str, queue: str) -> int:
+    """Ready plus unacked messages of ``queue``."""
+    out = subprocess.run(["rabbitmqctl", "list_queues", "-q", "--no-table-headers", "-p", vhost,
+                          "name", "messages_ready", "messages_unacknowledged"], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    for line in out.splitlines():
+        name, ready, unacked = line.split()
+        if name == queue:
+            return int(ready) + int(unacked)
+    raise AssertionError(f"no queue {queue}")
+
+
+async def test_events_are_not_read_while_nobody_is_connected(
+        stack: Stack, publisher: Publisher, test_env: TestEnv) -> None:
+    therapist, _, _ = await new_pair(stack)
+    hub = hub_of(stack)
+    await subscribed(hub)
+
+    async def consumed() -> bool:
+        # Confirmed, so in the queue; handled and acked once it is empty.
+        return await asyncio.to_thread(_queue_depth, test_env.vhost, hub.queue_name) == 0
+
+    def malformed(logs: list[dict[str, Any]]) -> int:
+        return sum(e["event"] == "stream ignored a malformed event" for e in logs)
+
+    with structlog.testing.capture_logs() as logs:
+        handled = hub.state.handled
+        await publisher.publish(NOTIFICATION_CREATED, b"not an event",
+                                message_id=str(uuid.uuid4()))
+        await eventually(consumed, timeout=WAIT)
+        assert hub.state.handled > handled
+        assert malformed(logs) == 0
+        ws = await open_stream(stack.base, stack.http, therapist)
+        await publisher.publish(NOTIFICATION_CREATED, b"not an event",
+                                message_id=str(uuid.uuid4()))
+        mine = await publish_notification(publisher, therapist.user_id)
+        await frames_until(ws, is_notification(mine))
+        assert malformed(logs) == 1
     await ws.close()
 
 
