@@ -2,13 +2,22 @@
 
 A service adds an event to its outbox table in the same transaction as the state
 change it announces (:func:`add_event`), which also NOTIFYs the relay. The relay
-(:class:`OutboxRelay`) claims rows with ``FOR UPDATE SKIP LOCKED`` (so several
-relays can run), publishes them with publisher confirms and ``mandatory``, and
-marks them sent only after the broker confirmed them, in the same transaction
-that holds their locks. A crash between the confirm and the commit republishes
-the row later: consumers deduplicate by event id. The relay wakes on
-LISTEN/NOTIFY and polls as a fallback; the LISTEN connection is re-made whenever
-it breaks.
+(:class:`OutboxRelay`) works in two autocommit statements per batch, with no
+transaction held across the publish:
+
+1. *Claim*: one ``UPDATE`` leases due rows (picked ``FOR UPDATE SKIP LOCKED``, so
+   several relays can run) by moving their ``next_attempt_at``
+   :data:`CLAIM_LEASE_SECONDS` ahead; no other relay takes them until then.
+2. Publish them with publisher confirms and ``mandatory`` (bounded by
+   :data:`PUBLISH_DEADLINE_SECONDS`, which the lease outlasts), then *mark* them
+   in one ``UPDATE``: confirmed rows sent, the others due again (at once, or
+   after a back-off if the broker could not route them).
+
+A relay that is stopped (cancelled) between claim and mark gives its rows back
+at once (best effort). One that is killed outright leaves them leased: any relay
+publishes them again once the lease ends, so an event may reach the broker
+twice, and consumers deduplicate by event id. The relay wakes on LISTEN/NOTIFY
+and polls as a fallback; the LISTEN connection is re-made whenever it breaks.
 
 Each service has its own table (``<schema>.outbox``) and NOTIFY channel, named
 by an :class:`Outbox`; the table's shape is the same everywhere (see the
@@ -19,11 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 import structlog
@@ -33,6 +42,18 @@ from shared.events import Event
 
 log = structlog.get_logger(__name__)
 BATCH_SIZE = 200
+# Publisher.publish waits at most 10 s for a confirm, but (re)connecting to the
+# broker before that has timeouts of its own; the relay bounds a batch's whole
+# publish here, so that it surely ends before the claim's lease does.
+PUBLISH_DEADLINE_SECONDS = 20.0
+# How long a claim holds its rows: longer than the publish deadline, with room for
+# the mark, so a live relay's rows are not claimed again while it publishes (a
+# mark slower still costs at most a duplicate, which consumers drop); short enough
+# that the rows of a killed relay go out again soon.
+CLAIM_LEASE_SECONDS = 30
+# Giving rows back on a stop is a courtesy (the lease ends anyway): it may not
+# hold up the shutdown for longer than this.
+RELEASE_TIMEOUT_SECONDS = 2.0
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 
@@ -100,6 +121,8 @@ class OutboxRelay:
         self._poll_seconds = poll_seconds
         self._outbox = outbox
         self._wake = asyncio.Event()
+        # Releases outlive a second cancellation; they are held here till done.
+        self._releases: set[asyncio.Future[object]] = set()
         self.state = RelayState()
 
     def _on_notify(self, *_: object) -> None:
@@ -108,56 +131,90 @@ class OutboxRelay:
     async def drain_once(self) -> int:
         """Publish one batch; returns how many rows were marked sent."""
         table = self._outbox.qualified
-        async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                f"/* relay_claim */ SELECT id, event_id, routing_key, payload FROM {table}"
-                " WHERE published_at IS NULL"
-                " AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
-                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                BATCH_SIZE,
-            )
-            if not rows:
-                return 0
-            payloads = [_payload(row) for row in rows]
-            results = await asyncio.gather(*(
-                self._publisher.publish(
-                    row["routing_key"], json.dumps(payload).encode(),
-                    message_id=str(row["event_id"]),
-                    correlation_id=str(payload.get("correlation_id", "")),
-                ) for row, payload in zip(rows, payloads, strict=True)
-            ), return_exceptions=True)
-            sent = [row["id"] for row, result in zip(rows, results, strict=True)
-                    if result is None]
-            failed: list[tuple[int, BaseException]] = [
-                (row["id"], result) for row, result in zip(rows, results, strict=True)
-                if isinstance(result, BaseException)]
-            if sent:
-                await conn.execute(
-                    f"/* relay_sent */ UPDATE {table} SET published_at = now(),"
-                    " attempts = attempts + 1 WHERE id = ANY($1::bigint[])", sent)
-            for row_id, error in failed:
-                # Unroutable rows wait (doubling, at most 5 minutes); the others are
-                # retried as soon as the broker is back.
-                await conn.execute(
-                    f"/* relay_failed */ UPDATE {table} SET attempts = attempts + 1,"
-                    " last_error = $2,"
-                    " next_attempt_at = CASE WHEN $3 THEN now() + least(interval '5 minutes',"
-                    " interval '1 second' * power(2, least(attempts, 9))) END"
-                    " WHERE id = $1", row_id, str(error)[:500], isinstance(error, Unroutable))
-            self.state.published += len(sent)
-            self.state.unroutable += sum(isinstance(e, Unroutable) for _, e in failed)
-            failed = [(i, e) for i, e in failed if not isinstance(e, Unroutable)]
-            return_error: BaseException | None = None
-            if failed:
-                self.state.failures += len(failed)
-                self.state.broker_ok = False
-                # The sent rows commit with this transaction; the rest wait a retry.
-                return_error = failed[0][1]
-            else:
-                self.state.broker_ok = True
-        if return_error is not None:
-            raise return_error
-        return len(sent)
+        # RETURNING order is not guaranteed; publish in outbox order. (A claim
+        # cancelled in flight may have committed unseen: its rows wait out the
+        # lease, like a killed relay's.)
+        rows = sorted(await self._pool.fetch(
+            f"/* relay_claim */ UPDATE {table}"
+            " SET next_attempt_at = now() + make_interval(secs => $2)"
+            f" WHERE id IN (SELECT id FROM {table} WHERE published_at IS NULL"
+            " AND (next_attempt_at IS NULL OR next_attempt_at <= now())"
+            " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            # The payload as text is the message body as it is: no decode/encode.
+            " RETURNING id, event_id, routing_key, payload::text AS payload,"
+            " payload->>'correlation_id' AS correlation_id, next_attempt_at AS leased_until",
+            BATCH_SIZE, CLAIM_LEASE_SECONDS,
+        ), key=lambda row: row["id"])
+        if not rows:
+            return 0
+        marked = False
+        try:
+            results = await self._publish(rows)
+            errors = [None if result is None else (str(result)[:500] or type(result).__name__)
+                      for result in results]
+            unroutable = [isinstance(result, Unroutable) for result in results]
+            # Sent rows are marked published; the others are due again at once
+            # (retried as soon as the broker is back) or, if unroutable, after a
+            # doubling wait of at most 5 minutes, so they never hold up the rows
+            # behind them. A row another relay published meanwhile (our lease ran
+            # out) is left alone.
+            await self._pool.execute(
+                f"/* relay_mark */ UPDATE {table} AS o SET attempts = o.attempts + 1,"
+                " published_at = CASE WHEN r.error IS NULL THEN now() END,"
+                " last_error = coalesce(r.error, o.last_error),"
+                " next_attempt_at = CASE WHEN r.unroutable THEN now() + least("
+                "interval '5 minutes', interval '1 second' * power(2, least(o.attempts, 9))) END"
+                " FROM unnest($1::bigint[], $2::text[], $3::bool[]) AS r (id, error, unroutable)"
+                " WHERE o.id = r.id AND o.published_at IS NULL",
+                [row["id"] for row in rows], errors, unroutable)
+            marked = True
+        finally:
+            if not marked:
+                await self._release([row["id"] for row in rows], rows[0]["leased_until"])
+        sent = sum(result is None for result in results)
+        failed = [result for result in results if result is not None]
+        self.state.published += sent
+        self.state.unroutable += sum(isinstance(e, Unroutable) for e in failed)
+        failed = [e for e in failed if not isinstance(e, Unroutable)]
+        if failed:
+            self.state.failures += len(failed)
+            self.state.broker_ok = False
+            # The sent rows are marked; the rest wait a retry.
+            raise failed[0]
+        self.state.broker_ok = True
+        return sent
+
+    async def _publish(self, rows: Sequence[asyncpg.Record]) -> list[BaseException | None]:
+        """Publish ``rows`` concurrently; per row, None (confirmed) or the error."""
+        tasks = [asyncio.ensure_future(self._publisher.publish(
+            row["routing_key"], row["payload"].encode(), message_id=str(row["event_id"]),
+            correlation_id=row["correlation_id"] or "",
+        )) for row in rows]
+        with contextlib.suppress(TimeoutError):
+            # On the deadline, wait_for cancels the gather and with it every
+            # publish still waiting, and returns once they have all ended.
+            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
+                                   PUBLISH_DEADLINE_SECONDS)
+        late = PublishFailed(f"no confirm within {PUBLISH_DEADLINE_SECONDS:g} s")
+        return [late if task.cancelled() else task.exception() for task in tasks]
+
+    async def _release(self, ids: list[int], leased_until: datetime) -> None:
+        """Make claimed rows due again at once. Best effort: a failure is logged,
+        and a second cancellation stops the wait, not the release."""
+        # Only rows still under this claim's lease: once it has run out, another
+        # relay may hold them.
+        release = asyncio.ensure_future(asyncio.wait_for(self._pool.execute(
+            f"/* relay_release */ UPDATE {self._outbox.qualified} SET next_attempt_at = NULL"
+            " WHERE id = ANY($1::bigint[]) AND published_at IS NULL AND next_attempt_at = $2",
+            ids, leased_until), RELEASE_TIMEOUT_SECONDS))
+        self._releases.add(release)
+        release.add_done_callback(self._releases.discard)
+        try:
+            await asyncio.shield(release)
+        except Exception as exc:
+            log.warning("relay could not give back its claim; it waits out the lease",
+                        outbox=self._outbox.qualified, rows=len(ids),
+                        error=exc.__class__.__name__, lease_seconds=CLAIM_LEASE_SECONDS)
 
     async def _listen(self) -> asyncpg.Connection:
         conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=10)
@@ -223,8 +280,3 @@ async def _discard(conn: asyncpg.Connection | None) -> None:
         except Exception:
             conn.terminate()
 
-
-def _payload(row: asyncpg.Record) -> dict[str, object]:
-    # Pools with the jsonb codec give a dict; a plain connection gives JSON text.
-    payload = row["payload"]
-    return json.loads(payload) if isinstance(payload, str) else dict(payload)

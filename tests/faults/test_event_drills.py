@@ -48,7 +48,8 @@ async def consumer_ready(app: object) -> None:
 
 
 class DyingPublisher(Publisher):
-    """Publishes for real, then 'dies' before the relay can mark the row sent."""
+    """Publishes for real, then stops the relay (cancels its task) before it can
+    mark the row sent."""
 
     def __init__(self, url: str, relay_task: list[asyncio.Task[None]]) -> None:
         super().__init__(url)
@@ -58,7 +59,7 @@ class DyingPublisher(Publisher):
     async def publish(self, *args: object, **kwargs: object) -> None:
         await super().publish(*args, **kwargs)  # type: ignore[arg-type]
         self.published += 1
-        self.relay_task[0].cancel()  # the process is killed here
+        self.relay_task[0].cancel()  # the relay is stopped here
         await asyncio.sleep(3600)
 
 
@@ -75,7 +76,8 @@ async def test_relay_killed_between_publish_and_mark_sent(test_env: TestEnv,
             await tap.bind(EVENTS_EXCHANGE, routing_key=CHECKIN_SUBMITTED)
             async with db_pool.acquire() as conn, conn.transaction():
                 await add_event(conn, MESSAGING_OUTBOX, event)
-            # The first relay publishes and is killed before it marks the row sent.
+            # The first relay publishes and is stopped (its task cancelled) before
+            # it marks the row sent: the broker has the event, the outbox says unsent.
             task_box: list[asyncio.Task[None]] = []
             dying = DyingPublisher(test_env.amqp_url, task_box)
             relay = messaging_relay(db_pool, dying, test_env.database_url, 0.2)
@@ -83,9 +85,14 @@ async def test_relay_killed_between_publish_and_mark_sent(test_env: TestEnv,
             await asyncio.wait(task_box, timeout=30)
             await dying.close()
             assert dying.published >= 1
-            sent = await db_pool.fetchval(
-                "SELECT published_at FROM messaging.outbox WHERE event_id = $1", event.event_id)
+            sent, leased = await db_pool.fetchrow(
+                "SELECT published_at, next_attempt_at FROM messaging.outbox"
+                " WHERE event_id = $1", event.event_id)
             assert sent is None  # the mark never committed
+            # A stopped relay gives its claim back, so the row is due at once. (A
+            # relay killed outright keeps it leased until CLAIM_LEASE_SECONDS have
+            # passed; tests/integration/test_outbox_relay.py covers that case.)
+            assert leased is None
             # A fresh relay publishes the same event again and marks it.
             publisher = Publisher(test_env.amqp_url)
             relay = messaging_relay(db_pool, publisher, test_env.database_url, 0.2)
