@@ -112,10 +112,16 @@ def period_start(agreement: Agreement, schedule: WeeklySchedule | None,
                  now: datetime) -> datetime:
     """Start of the current check-in period: local midnight of today or of this
     week's Monday, in the therapist's zone (UTC when no hours are set)."""
-    zone = load_zone(schedule.tz) if schedule is not None else UTC
+    return period_start_in(schedule.tz if schedule is not None else None,
+                           agreement.checkin_period, now)
+
+
+def period_start_in(tz: str | None, period: Period, now: datetime) -> datetime:
+    """:func:`period_start` from the zone's name (None: UTC) and the period."""
+    zone = load_zone(tz) if tz is not None else UTC
     local = now.astimezone(zone)
     day = local.date()
-    if agreement.checkin_period == "week":
+    if period == "week":
         day -= timedelta(days=day.weekday())
     return datetime.combine(day, time(0), tzinfo=zone).astimezone(UTC)
 
@@ -288,6 +294,6 @@ def expectation_for_checkin(schedule: WeeklySchedule | None, agreement: Agreemen
 
 __all__ = [
     "DEFAULT_CRISIS_RESOURCES", "Agreement", "CheckinPlan", "Expectation", "ScheduleError",
-    "client_alert_time", "expectation_for_checkin", "period_start", "plan_checkin_alert",
-    "reminder_time", "reply_by", "reply_release_time",
+    "client_alert_time", "expectation_for_checkin", "period_start", "period_start_in",
+    "plan_checkin_alert", "reminder_time", "reply_by", "reply_release_time",
 ]

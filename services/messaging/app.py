@@ -13,8 +13,10 @@ from services.messaging.boundaries_store import BoundariesStore
 from services.messaging.relay import messaging_relay
 from services.messaging.routes import setup_routes
 from services.messaging.store import MessagingStore
+from services.messaging.submission import CheckinPeriods
 from services.messaging.typedefs import (
     BOUNDARIES,
+    CHECKIN_PERIODS,
     POOL,
     PUBLISHER,
     RELAY,
@@ -34,6 +36,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[SETTINGS].database_url, max_size=10)
     app[POOL] = pool
     app[STORE] = MessagingStore(pool)
+    app[CHECKIN_PERIODS] = CheckinPeriods()
     app[BOUNDARIES] = BoundariesStore(pool)
     yield
     await pool.close()

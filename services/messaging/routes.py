@@ -22,14 +22,8 @@ from services.messaging.store import (
     Relationship,
     StoredMessage,
 )
-from services.messaging.submission import (
-    CHECKIN_LOOKBACK,
-    NewMessage,
-    Submission,
-    Terms,
-    begin_submission,
-)
-from services.messaging.typedefs import SETTINGS, STORE
+from services.messaging.submission import NewMessage, Submission, Terms, begin_submission
+from services.messaging.typedefs import CHECKIN_PERIODS, SETTINGS, STORE
 from shared.boundaries import expectation_for_checkin, period_start, reply_release_time
 from shared.envelope import (
     KIND_CHECKIN,
@@ -226,9 +220,11 @@ async def post_message(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid", "deliver_now applies to replies only",
                        field="deliver_now")
     try:
-        since = datetime.now(UTC) - CHECKIN_LOOKBACK if kind == "checkin" else None
+        periods = request.app[CHECKIN_PERIODS]
+        guess = periods.guess(rid, datetime.now(UTC)) if kind == "checkin" else None
         async with begin_submission(request.app[STORE].pool, rid, identity.user_id,
-                                    checkins_since=since) as sub:
+                                    period_guess=guess) as sub:
+            periods.learn(sub.context)
             stored, created = await _accept(request, sub, identity, env, raw, kind, key,
                                             deliver_now=body.deliver_now)
     except NotFound:

@@ -8,8 +8,8 @@ on a small machine (docs/performance.md), so a submit is shaped around them:
 2. one query, read *after* the lock so it sees every message committed before
    ours: the relationship (if the sender is in it), both members' device keys,
    the therapist's office hours and absences, the agreement and, for a
-   check-in, when the relationship's recent check-ins arrived (to count this
-   period's);
+   check-in, how many check-ins arrived since this period probably began
+   (:class:`CheckinPeriods`);
 3. one statement inserting the message, its event in the outbox (with the
    relay's NOTIFY) and the Idempotency-Key, if any;
 4. ``COMMIT``.
@@ -27,7 +27,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -43,7 +43,7 @@ from services.messaging.store import (
     device_from_row,
     message_from_row,
 )
-from shared.boundaries import Agreement
+from shared.boundaries import Agreement, Period, period_start_in
 from shared.db import transaction_opened_with, uuid_literal
 from shared.events import CHECKIN_SUBMITTED, REPLY_SENT, MessageEventData, new_event
 from shared.schedule import WeeklySchedule
@@ -55,10 +55,10 @@ class SubmitContext:
     devices: list[Device]               # both members', ordered by user and device
     schedule: WeeklySchedule | None     # the therapist's office hours; None if unset
     agreement: Agreement
-    # For a check-in: when the relationship's newest check-ins (at most
-    # RECENT_CHECKINS of them) arrived, since ``checkins_since``.
-    recent_checkins: list[datetime]
-    checkins_since: datetime | None
+    # The guessed start of this check-in period, if any, and how many check-ins
+    # arrived since then.
+    guessed_start: datetime | None
+    checkins_since_guess: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +89,6 @@ class NewMessage:
     envelope: bytes
 
 
-# How far back the context query looks for check-ins: any period (a day, or a
-# week from Monday's midnight in the therapist's zone) began within it.
-CHECKIN_LOOKBACK = timedelta(days=8)
-# At most this many are fetched; a client with more in the look-back (far beyond
-# any agreement) is counted with a query of its own.
-RECENT_CHECKINS = 64
-
 _CONTEXT = (
     "SELECT r.id, r.therapist_id, r.client_id, r.status, r.created_at,"
     " ARRAY(SELECT d FROM messaging.devices d"
@@ -106,14 +99,35 @@ _CONTEXT = (
     " ARRAY(SELECT ab FROM messaging.absences ab WHERE ab.therapist_id = r.therapist_id"
     "       ORDER BY ab.first_day, ab.id) AS absences,"
     " (SELECT g.terms FROM messaging.agreements g WHERE g.relationship_id = r.id) AS agreement,"
-    # Nothing for a reply ($3 is NULL: no row is >= NULL).
-    " ARRAY(SELECT m.created_at FROM messaging.messages m WHERE m.relationship_id = r.id"
-    "       AND m.kind = 'checkin' AND m.created_at >= $3::timestamptz"
-    f"       ORDER BY m.created_at DESC LIMIT {RECENT_CHECKINS}) AS recent_checkins"
+    # The check-ins since a guessed start of this period ($3; none for NULL).
+    " (SELECT count(*) FROM messaging.messages m WHERE m.relationship_id = r.id"
+    "  AND m.kind = 'checkin' AND m.created_at >= $3::timestamptz) AS checkins_since_guess"
     " FROM messaging.relationships r"
     " LEFT JOIN messaging.availability a ON a.therapist_id = r.therapist_id"
     " WHERE r.id = $1 AND $2 IN (r.therapist_id, r.client_id)"
 )
+
+
+class CheckinPeriods:
+    """What each relationship's check-in period was last seen to be (the
+    therapist's zone and the agreed period), to guess where the current period
+    began before the context is read. A guess is only used when the context
+    proves it right, so a stale one costs a query, never a wrong count."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._limit = limit
+        self._seen: dict[uuid.UUID, tuple[str | None, Period]] = {}
+
+    def guess(self, relationship_id: uuid.UUID, now: datetime) -> datetime | None:
+        seen = self._seen.get(relationship_id)
+        return None if seen is None else period_start_in(seen[0], seen[1], now)
+
+    def learn(self, context: SubmitContext) -> None:
+        if len(self._seen) >= self._limit:
+            self._seen.clear()
+        tz = context.schedule.tz if context.schedule is not None else None
+        self._seen[context.relationship.id] = (tz, context.agreement.checkin_period)
+
 
 # The message, its event (with the row's own visible_at) and the key, or nothing
 # at all when the id is taken: data-modifying CTEs run to completion whether or
@@ -142,7 +156,7 @@ _INSERT_MESSAGE = (
 )
 
 
-def _context(row: asyncpg.Record, checkins_since: datetime | None) -> SubmitContext:
+def _context(row: asyncpg.Record, guessed_start: datetime | None) -> SubmitContext:
     relationship = Relationship(row["id"], row["therapist_id"], row["client_id"],
                                 row["status"], row["created_at"])
     hours = None if row["tz"] is None else {
@@ -154,8 +168,8 @@ def _context(row: asyncpg.Record, checkins_since: datetime | None) -> SubmitCont
         devices=[device_from_row(d) for d in row["devices"]],
         schedule=availability.schedule,
         agreement=Agreement() if terms is None else Agreement.from_json(terms),
-        recent_checkins=list(row["recent_checkins"]),
-        checkins_since=checkins_since,
+        guessed_start=guessed_start,
+        checkins_since_guess=row["checkins_since_guess"],
     )
 
 
@@ -169,12 +183,11 @@ class Submission:
     async def _checkins_since(self, start: datetime) -> int:
         """How many of the relationship's check-ins arrived at or after ``start``."""
         ctx = self.context
-        recent = ctx.recent_checkins
-        if ctx.checkins_since is not None and ctx.checkins_since <= start \
-                and len(recent) < RECENT_CHECKINS:
-            return sum(1 for at in recent if at >= start)
-        # Not covered by what the context read (never expected with the periods
-        # there are): ask. Still under the lock, so still exact.
+        if ctx.guessed_start == start:
+            return ctx.checkins_since_guess
+        # No guess, or a wrong one (the first check-in this process sees, new
+        # hours or agreement, a period that began in between): ask for this
+        # start. Still under the lock, so still exact.
         count: int = await self._conn.fetchval(
             "SELECT count(*) FROM messaging.messages WHERE relationship_id = $1"
             " AND kind = 'checkin' AND created_at >= $2", ctx.relationship.id, start)
@@ -249,13 +262,14 @@ class Submission:
 
 @asynccontextmanager
 async def begin_submission(pool: asyncpg.Pool, relationship_id: uuid.UUID,
-                           member_id: uuid.UUID, *, checkins_since: datetime | None = None
+                           member_id: uuid.UUID, *, period_guess: datetime | None = None
                            ) -> AsyncIterator[Submission]:
     """Open a submission to the relationship for ``member_id``; commits on a clean exit.
 
-    For a check-in, pass ``checkins_since`` (at most :data:`CHECKIN_LOOKBACK`
-    ago): the check-ins since then are read with the context, so counting this
-    period's costs no round trip of its own.
+    For a check-in, ``period_guess`` (see :class:`CheckinPeriods`) is where this
+    period probably began: the check-ins since then are counted with the
+    context, and if the guess is right, counting them costs no round trip of
+    its own.
 
     Raises NotFound, as :meth:`MessagingStore.relationship_for_member` does, when
     there is no such relationship or ``member_id`` is not in it (never 'forbidden').
@@ -264,7 +278,7 @@ async def begin_submission(pool: asyncpg.Pool, relationship_id: uuid.UUID,
     # taken before membership is known: a stranger holds it for one round trip.
     lock = f"SELECT pg_advisory_xact_lock(hashtext({uuid_literal(relationship_id)}))"
     async with pool.acquire() as conn, transaction_opened_with(conn, lock):
-        row = await conn.fetchrow(_CONTEXT, relationship_id, member_id, checkins_since)
+        row = await conn.fetchrow(_CONTEXT, relationship_id, member_id, period_guess)
         if row is None:
             raise NotFound("no such relationship")
-        yield Submission(conn, _context(row, checkins_since))
+        yield Submission(conn, _context(row, period_guess))

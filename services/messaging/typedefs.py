@@ -9,6 +9,7 @@ from aiohttp import web
 
 from services.messaging.boundaries_store import BoundariesStore
 from services.messaging.store import MessagingStore
+from services.messaging.submission import CheckinPeriods
 from shared.amqp import Publisher
 from shared.outbox import OutboxRelay
 from shared.settings import Settings
@@ -20,3 +21,4 @@ BOUNDARIES: web.AppKey[BoundariesStore] = web.AppKey("boundaries", BoundariesSto
 PUBLISHER: web.AppKey[Publisher] = web.AppKey("publisher", Publisher)
 RELAY: web.AppKey[OutboxRelay] = web.AppKey("relay", OutboxRelay)
 RELAY_TASK: web.AppKey[asyncio.Task[None]] = web.AppKey("relay_task", asyncio.Task)
+CHECKIN_PERIODS: web.AppKey[CheckinPeriods] = web.AppKey("checkin_periods", CheckinPeriods)

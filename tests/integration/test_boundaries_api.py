@@ -140,16 +140,34 @@ async def test_concurrent_checkins_are_counted_one_after_another(stack: Stack) -
     assert used == [1, 2, 3, 4, 5]
 
 
-async def test_checkins_past_what_the_context_reads_are_still_counted(
+async def test_the_period_is_guessed_right_and_a_wrong_guess_still_counts_exactly(
         stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """More recent check-ins than the context query returns: the count asks the
-    database instead, and is still exact."""
-    monkeypatch.setattr(submission, "RECENT_CHECKINS", 2)
+    """From the second check-in on, the context's count since the guessed start
+    of the period is the one used; a wrong guess costs a query, not the count."""
     therapist, client, rid = await new_pair(stack)
-    await set_hours(stack, therapist, ALWAYS)
+    await set_hours(stack, therapist, ALWAYS, tz="Pacific/Auckland")
+    hits: list[bool] = []
+    real = submission.Submission._checkins_since
+
+    async def spy(self: submission.Submission, start: datetime) -> int:
+        hits.append(self.context.guessed_start == start)
+        return await real(self, start)
+
+    monkeypatch.setattr(submission.Submission, "_checkins_since", spy)
     used = [(await checkin(stack, client, rid, f"n{i}"))["expectation"]["used"]
-            for i in range(4)]
-    assert used == [1, 2, 3, 4]
+            for i in range(3)]
+    assert used == [1, 2, 3]
+    assert hits == [False, True, True]
+    # An old check-in, from before any current period: a guess reaching back
+    # past it would count it.
+    pool = stack.apps["messaging"][POOL]
+    await pool.execute("UPDATE messaging.messages SET created_at = now() - interval '40 days'"
+                       " WHERE id = (SELECT id FROM messaging.messages"
+                       " WHERE relationship_id = $1 ORDER BY seq LIMIT 1)", rid)
+    monkeypatch.setattr(submission.CheckinPeriods, "guess",
+                        lambda self, rid, now: now - timedelta(days=365))
+    assert (await checkin(stack, client, rid, "n3"))["expectation"]["used"] == 3
+    assert hits[-1] is False
 
 
 async def test_a_retry_is_told_the_same_thing(stack: Stack) -> None:
