@@ -61,7 +61,7 @@ Clock = Callable[[], datetime]
 # Applies one event inside its transaction; returns a few words for the log.
 Handler = Callable[[EventTransaction, Event, datetime], Awaitable[str]]
 
-# One module per event kind consumed; types not listed are recorded and ignored.
+# One module per event kind consumed; types not listed are acked and ignored.
 HANDLERS: Mapping[str, Handler] = {
     CHECKIN_SUBMITTED: checkin_submitted.handle,
     REPLY_SENT: reply_sent.handle,
@@ -163,6 +163,10 @@ class EventConsumer:
             event = decode_event(message.body)
         except MalformedEvent as exc:
             raise PoisonMessage(f"malformed event: {exc}") from None
+        if event.type not in HANDLERS:
+            # Nothing to apply, so nothing to record: acked without a transaction.
+            # (Its own notification.created events come back here, one per alert.)
+            return
         with structlog.contextvars.bound_contextvars(
             event_id=str(event.event_id), event_type=event.type,
         ):

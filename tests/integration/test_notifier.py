@@ -201,15 +201,22 @@ async def test_event_with_malformed_data_is_dead_lettered(
     assert await notifications_of(db_pool, event.event_id) == []
 
 
-async def test_unknown_event_type_is_recorded_and_ignored(
+async def test_an_event_type_without_a_handler_is_acked_and_ignored(
     notifier: Notifier, publisher: Publisher, db_pool: asyncpg.Pool,
 ) -> None:
     event, _ = message_event(CHECKIN_SUBMITTED)
     unknown = event.model_copy(update={"type": "checkin.withdrawn"})
+    handled = notifier.state.handled
     await publish(publisher, unknown)
 
-    await eventually(lambda: in_inbox(db_pool, event.event_id))
+    async def acked() -> bool:
+        return notifier.state.handled > handled
+
+    await eventually(acked)
+    # Nothing to apply, so no transaction: neither an inbox entry nor an effect.
+    assert not await in_inbox(db_pool, event.event_id)
     assert await notifications_of(db_pool, event.event_id) == []
+    assert notifier.state.dead_lettered == 0
 
 
 async def test_store_refuses_a_second_notification_for_the_same_event(
