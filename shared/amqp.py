@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import random
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ import aio_pika.abc
 import aiormq.exceptions
 import structlog
 from pamqp.commands import Basic
+
+from shared.amqp_acks import AckWindow, BatchedAcks, Batching
 
 EVENTS_EXCHANGE = "interlude.events"
 DEAD_LETTER_EXCHANGE = "interlude.dead"
@@ -32,6 +34,9 @@ REQUEUE_DELAY_SECONDS = 1.0
 ACK_BATCH = 64
 ACK_DELAY_SECONDS = 0.05
 ACK_FLUSH_TIMEOUT_SECONDS = 2.0
+# A concurrent consumer's acks (consume_forever's ack_delay) go out at once when
+# this many are due, well under its prefetch.
+ACK_WINDOW_LIMIT = 16
 
 log = structlog.get_logger(__name__)
 
@@ -179,32 +184,46 @@ class ConsumerState:
 
 
 async def _run_handler(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
-                       state: ConsumerState) -> bool:
-    """Run ``handler`` and ack (or reject a poison message); False if it failed."""
+                       state: ConsumerState, acks: AckWindow | None = None) -> bool:
+    """Run ``handler`` and ack (or reject a poison message); False if it failed.
+
+    With ``acks``, the ack is left to the window (it goes out with others), and
+    a reject or nack sent here is reported to it.
+    """
     try:
         await handler(message)
     except PoisonMessage as exc:
         state.dead_lettered += 1
         log.warning("event dead-lettered", reason=str(exc), message_id=message.message_id)
-        await message.reject(requeue=False)
+        try:
+            await message.reject(requeue=False)
+        finally:
+            if acks is not None:
+                acks.settled(message)
         return True
     except asyncio.CancelledError:
         # Back to the queue now; on a closed channel the broker does it anyway.
         with contextlib.suppress(*CONNECTION_ERRORS):
             await message.nack(requeue=True)
+        if acks is not None:
+            acks.settled(message)
         raise
     except Exception:
         # The quorum queue counts deliveries and dead-letters after DELIVERY_LIMIT.
         state.retried += 1
         log.exception("event handler failed; will be redelivered", message_id=message.message_id)
         return False
-    await message.ack()
+    if acks is None:
+        await message.ack()
+    else:
+        acks.ack(message)
     state.handled += 1
     return True
 
 
 async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
-                      state: ConsumerState, slot: asyncio.Semaphore | None = None) -> None:
+                      state: ConsumerState, slot: asyncio.Semaphore | None = None,
+                      acks: AckWindow | None = None) -> None:
     """Handle ``message`` and settle it: ack, reject (poison) or nack for redelivery.
 
     ``slot``, if given, is held while the handler runs (not during the pause
@@ -217,7 +236,7 @@ async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Ha
             await asyncio.get_running_loop().create_future()
         state.in_hand += 1
         try:
-            settled = await _run_handler(message, handler, state)
+            settled = await _run_handler(message, handler, state, acks)
         except BaseException:
             state.in_hand -= 1
             raise
@@ -229,6 +248,8 @@ async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Ha
             await message.nack(requeue=True)
     finally:
         state.in_hand -= 1
+        if not settled and acks is not None:
+            acks.settled(message)  # nacked, or gone with a cancel
 
 
 Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.AbstractQueue]]
@@ -237,7 +258,7 @@ Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.Abstra
 async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], handler: Handler,
                           state: ConsumerState, *, prefetch: int = 32,
                           max_backoff: float = 5.0, concurrency: int = 1,
-                          lane_key: LaneKey | None = None) -> None:
+                          lane_key: LaneKey | None = None, ack_delay: float = 0.0) -> None:
     """Consume ``queue_name`` until cancelled, reconnecting after any broker failure.
 
     The handler must commit its own effects before returning: the message is
@@ -246,13 +267,17 @@ async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], ha
 
     With ``concurrency`` > 1, up to that many messages are handled at once, but
     messages with the same ``lane_key`` (default: each message its own) strictly
-    one after another, in delivery order. Each is acked on its own.
+    one after another, in delivery order. Each is acked on its own, or with
+    ``ack_delay`` > 0 together with others (:class:`shared.amqp_acks.AckWindow`):
+    at most that many seconds later, so a crash in between redelivers messages
+    whose effects are committed; the handler must absorb a repeat.
     """
     async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
         return await declare_consumer_queue(channel, queue_name, bindings)
 
     await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
-                        max_backoff=max_backoff, concurrency=concurrency, lane_key=lane_key)
+                        max_backoff=max_backoff, concurrency=concurrency, lane_key=lane_key,
+                        ack_delay=ack_delay)
 
 
 async def declare_transient_queue(channel: aio_pika.abc.AbstractChannel, name: str,
@@ -296,62 +321,11 @@ async def consume_transient_forever(url: str, queue_name: str, bindings: Sequenc
         return await declare_transient_queue(channel, queue_name, bindings)
 
     await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
-                        max_backoff=max_backoff, batching=_Batching(ack_batch, ack_delay))
-
-
-@dataclass(frozen=True)
-class _Batching:
-    limit: int
-    delay: float
-
-
-class _BatchedAcks:
-    """Acks the messages of a serial pump together: ``basic.ack`` with ``multiple``
-    for the latest handled one (so every earlier delivery on the channel, all
-    handled already, goes with it). One socket write instead of ``limit``."""
-
-    def __init__(self, batching: _Batching) -> None:
-        self._batching = batching
-        self._latest: aio_pika.abc.AbstractIncomingMessage | None = None
-        self._waiting = 0
-        self._first_at = 0.0
-        self._some = asyncio.Event()
-        # An ack with a lower tag after one with a higher tag would be an unknown
-        # delivery tag to the broker, which closes the channel: keep them in order.
-        self._sending = asyncio.Lock()
-
-    async def handled(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
-        self._latest = message
-        self._waiting += 1
-        if self._waiting == 1:
-            self._first_at = asyncio.get_running_loop().time()
-            self._some.set()
-        if self._waiting >= self._batching.limit:
-            await self.flush()
-
-    async def flush(self) -> None:
-        """Ack everything handled so far, if anything."""
-        async with self._sending:
-            message, self._latest, self._waiting = self._latest, None, 0
-            self._some.clear()
-            if message is not None:
-                await message.ack(multiple=True)
-
-    async def flush_when_due(self) -> None:
-        """Runs beside the pump: flushes ``delay`` after the first waiting message."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._some.wait()
-            wait = self._first_at + self._batching.delay - loop.time()
-            if wait > 0:
-                # Then look again: a full batch may have gone out meanwhile.
-                await asyncio.sleep(wait)
-            else:
-                await self.flush()
+                        max_backoff=max_backoff, batching=Batching(ack_batch, ack_delay))
 
 
 async def _handle_hint(message: aio_pika.abc.AbstractIncomingMessage, handler: Handler,
-                       state: ConsumerState, acks: _BatchedAcks) -> None:
+                       state: ConsumerState, acks: BatchedAcks) -> None:
     if state.stopping:
         await asyncio.get_running_loop().create_future()
     state.in_hand += 1
@@ -372,9 +346,10 @@ class _Lanes:
     a message waits for the one before it with the same lane key to be settled."""
 
     def __init__(self, handler: Handler, state: ConsumerState, limit: int,
-                 lane_key: LaneKey | None) -> None:
+                 lane_key: LaneKey | None, acks: AckWindow | None = None) -> None:
         self._handler = handler
         self._state = state
+        self._acks = acks
         self._slots = asyncio.Semaphore(limit)
         self._lane_key = lane_key
         self._tails: dict[Hashable, asyncio.Task[None]] = {}
@@ -393,6 +368,8 @@ class _Lanes:
         return ("delivery", message.delivery_tag)
 
     def submit(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        if self._acks is not None:
+            self._acks.delivered(message)
         key = self._key(message)
         task = asyncio.create_task(self._run(message, self._tails.get(key)))
         self._tails[key] = task
@@ -403,7 +380,7 @@ class _Lanes:
                    before: asyncio.Task[None] | None) -> None:
         if before is not None:
             await asyncio.wait([before])  # its outcome is its own; this only waits
-        await _handle_one(message, self._handler, self._state, self._slots)
+        await _handle_one(message, self._handler, self._state, self._slots, self._acks)
 
     def _done(self, key: Hashable, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -430,7 +407,8 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
                              messages: aio_pika.abc.AbstractQueueIterator, handler: Handler,
                              state: ConsumerState, *, concurrency: int = 1,
                              lane_key: LaneKey | None = None,
-                             batching: _Batching | None = None) -> None:
+                             batching: Batching | None = None,
+                             ack_delay: float = 0.0) -> None:
     """Handle messages until the iterator ends or the connection closes.
 
     An idle iterator does not always notice that the broker went away, so the
@@ -438,10 +416,14 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
     and any message still being handled is cancelled (and redelivered).
 
     With ``batching`` (transient queues: serial, handler errors dropped) acks
-    are batched, and what is waiting is flushed when the pump ends.
+    are batched, and what is waiting is flushed when the pump ends. With lanes
+    (``concurrency`` > 1) and ``ack_delay``, acks go out together through an
+    :class:`AckWindow`, also flushed when the pump ends.
     """
-    lanes = _Lanes(handler, state, concurrency, lane_key) if concurrency > 1 else None
-    acks = _BatchedAcks(batching) if batching is not None else None
+    window = AckWindow(delay=ack_delay, limit=ACK_WINDOW_LIMIT) \
+        if concurrency > 1 and ack_delay > 0 else None
+    lanes = _Lanes(handler, state, concurrency, lane_key, window) if concurrency > 1 else None
+    acks = BatchedAcks(batching) if batching is not None else None
 
     async def pump() -> None:
         async for message in messages:
@@ -457,7 +439,8 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
     watched: set[asyncio.Future[Any]] = {pumping, closed}
     if lanes is not None:
         watched.add(lanes.failed)
-    flushing = asyncio.ensure_future(acks.flush_when_due()) if acks is not None else None
+    flushing = asyncio.ensure_future(acks.flush_when_due()) if acks is not None else \
+        asyncio.ensure_future(window.run()) if window is not None else None
     if flushing is not None:
         watched.add(flushing)  # it ends only by failing (an ack on a dead channel)
     try:
@@ -476,22 +459,24 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
         if lanes is not None:
             await lanes.close()
         if acks is not None:
-            await _flush_on_stop(acks)
+            await _flush_on_stop(acks.flush())
+        if window is not None:
+            await _flush_on_stop(window.flush(everything=True))
 
 
-async def _flush_on_stop(acks: _BatchedAcks) -> None:
+async def _flush_on_stop(flush: Coroutine[Any, Any, object]) -> None:
     # Best effort: on a dead channel there is nothing to ack (an exclusive queue
-    # dies with its connection); the timeout keeps a stuck socket from holding
-    # up the stop.
+    # dies with its connection; a durable one redelivers, which the consumer
+    # absorbs); the timeout keeps a stuck socket from holding up the stop.
     with contextlib.suppress(*CONNECTION_ERRORS):
         async with asyncio.timeout(ACK_FLUSH_TIMEOUT_SECONDS):
-            await acks.flush()
+            await flush
 
 
 async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Handler,
                         state: ConsumerState, *, prefetch: int, max_backoff: float,
                         concurrency: int = 1, lane_key: LaneKey | None = None,
-                        batching: _Batching | None = None) -> None:
+                        batching: Batching | None = None, ack_delay: float = 0.0) -> None:
     backoff = 0.2
     while True:
         connection: aio_pika.abc.AbstractConnection | None = None
@@ -506,7 +491,7 @@ async def _consume_loop(url: str, queue_name: str, declare: Declare, handler: Ha
             async with queue.iterator() as messages:
                 await _pump_until_closed(connection, messages, handler, state,
                                          concurrency=concurrency, lane_key=lane_key,
-                                         batching=batching)
+                                         batching=batching, ack_delay=ack_delay)
             raise ConnectionError("consumer channel closed")
         except asyncio.CancelledError:
             raise

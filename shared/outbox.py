@@ -190,11 +190,14 @@ class OutboxRelay:
             row["routing_key"], row["payload"].encode(), message_id=str(row["event_id"]),
             correlation_id=row["correlation_id"] or "",
         )) for row in rows]
-        with contextlib.suppress(TimeoutError):
-            # On the deadline, wait_for cancels the gather and with it every
-            # publish still waiting, and returns once they have all ended.
-            await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True),
-                                   PUBLISH_DEADLINE_SECONDS)
+        try:
+            await asyncio.wait(tasks, timeout=PUBLISH_DEADLINE_SECONDS)
+        finally:
+            # On the deadline (or a stop), every publish still waiting is
+            # cancelled, and all have ended before this returns.
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         late = PublishFailed(f"no confirm within {PUBLISH_DEADLINE_SECONDS:g} s")
         return [late if task.cancelled() else task.exception() for task in tasks]
 

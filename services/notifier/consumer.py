@@ -55,6 +55,9 @@ STOP_GRACE_SECONDS = 15.0
 # them queue briefly, never deadlock: each transaction holds one connection).
 # The prefetch of 32 keeps every slot fed.
 CONCURRENCY = 8
+# Acks go out together, at most this long after the commit (one socket write for
+# several events; a crash in between redelivers them, and the inbox absorbs it).
+ACK_DELAY_SECONDS = 0.02
 _MAX_DB_BACKOFF = 5.0
 
 Clock = Callable[[], datetime]
@@ -137,7 +140,8 @@ class EventConsumer:
     async def run(self, amqp_url: str) -> None:
         """Consume ``notifier.events`` until cancelled."""
         await consume_forever(amqp_url, QUEUE, BINDINGS, self.handle, self._state,
-                              concurrency=self._concurrency, lane_key=lane_key)
+                              concurrency=self._concurrency, lane_key=lane_key,
+                              ack_delay=ACK_DELAY_SECONDS)
 
     async def stop(self, task: asyncio.Task[None], *, grace: float = STOP_GRACE_SECONDS) -> None:
         """Take no new message, let those in hand commit and be settled (for at most

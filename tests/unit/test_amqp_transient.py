@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import structlog
 
-from shared.amqp import ConsumerState, PoisonMessage, _Batching, _pump_until_closed
+from shared.amqp import ConsumerState, PoisonMessage, _pump_until_closed
+from shared.amqp_acks import Batching
 from tests.unit.test_amqp_lanes import FakeConnection, FakeIterator, until
 
 pytestmark = pytest.mark.timeout(10)
@@ -78,7 +79,7 @@ def start(handler: Callable[[Any], Awaitable[None]] = ignore, *, limit: int = 64
     channel = channel or Channel()
     task = asyncio.create_task(_pump_until_closed(
         connection, messages, handler, state,  # type: ignore[arg-type]
-        batching=_Batching(limit, delay)))
+        batching=Batching(limit, delay)))
     return Pump(connection, messages, state, channel, task)
 
 
