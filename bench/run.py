@@ -39,6 +39,7 @@ from bench.load import Bodies, PhaseResult, closed_loop, open_loop
 from bench.population import make_people, seal_envelopes
 from bench.report import chart, phase_summary, wait_alerts, window_metrics
 from bench.resources import Scratch, rabbitmqctl
+from services.notifier.consumer import HANDLERS
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = {"throughput_ratio": 0.5, "submit_p99_ms": 50.0, "alert_p99_ms": 250.0,
@@ -123,7 +124,9 @@ async def wait_setup_events(dsn: str, timeout: float = 30.0) -> None:
         while time.monotonic() < deadline:
             pending = await conn.fetchval(
                 "SELECT count(*) FROM messaging.outbox WHERE published_at IS NULL")
-            sent = await conn.fetchval("SELECT count(*) FROM messaging.outbox")
+            # Only the types the notifier applies leave an inbox row.
+            sent = await conn.fetchval("SELECT count(*) FROM messaging.outbox"
+                                       " WHERE routing_key = ANY($1::text[])", list(HANDLERS))
             handled = await conn.fetchval("SELECT count(*) FROM notifier.inbox")
             if pending == 0 and handled >= sent:
                 return

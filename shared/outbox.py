@@ -17,7 +17,9 @@ A relay that is stopped (cancelled) between claim and mark gives its rows back
 at once (best effort). One that is killed outright leaves them leased: any relay
 publishes them again once the lease ends, so an event may reach the broker
 twice, and consumers deduplicate by event id. The relay wakes on LISTEN/NOTIFY
-and polls as a fallback; the LISTEN connection is re-made whenever it breaks.
+and polls as a fallback; the LISTEN connection is re-made whenever it breaks. A
+hot path of the relay's own process may skip the NOTIFY and call
+:meth:`OutboxRelay.wake` after its commit instead.
 
 Each service has its own table (``<schema>.outbox``) and NOTIFY channel, named
 by an :class:`Outbox`; the table's shape is the same everywhere (see the
@@ -126,6 +128,11 @@ class OutboxRelay:
         self.state = RelayState()
 
     def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    def wake(self) -> None:
+        """Publish soon: called in-process by a writer that has just committed rows
+        (no NOTIFY round trip through Postgres for the writes of this process)."""
         self._wake.set()
 
     async def drain_once(self) -> int:

@@ -23,7 +23,7 @@ from services.messaging.store import (
     StoredMessage,
 )
 from services.messaging.submission import NewMessage, Submission, Terms, begin_submission
-from services.messaging.typedefs import CHECKIN_PERIODS, SETTINGS, STORE
+from services.messaging.typedefs import CHECKIN_PERIODS, RELAY, SETTINGS, STORE
 from shared.boundaries import expectation_for_checkin, period_start, reply_release_time
 from shared.envelope import (
     KIND_CHECKIN,
@@ -231,6 +231,10 @@ async def post_message(request: web.Request) -> web.Response:
         raise ApiError(404, "not_found", "no such relationship") from None
     except Conflict as exc:
         raise ApiError(409, "conflict", str(exc)) from None
+    if created:
+        # Its event is committed: this process's relay publishes it (polling, and
+        # the other replicas' relays, remain the fallback).
+        request.app[RELAY].wake()
     payload = message_json(stored, include_envelope=False)  # the caller has it
     payload.update(stored.terms or {})
     return web.json_response(payload, status=201 if created else 200)

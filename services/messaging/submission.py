@@ -10,8 +10,9 @@ on a small machine (docs/performance.md), so a submit is shaped around them:
    the therapist's office hours and absences, the agreement and, for a
    check-in, how many check-ins arrived since this period probably began
    (:class:`CheckinPeriods`);
-3. one statement inserting the message, its event in the outbox (with the
-   relay's NOTIFY) and the Idempotency-Key, if any;
+3. one statement inserting the message, its event in the outbox and the
+   Idempotency-Key, if any (the caller wakes its own relay after the commit,
+   in-process: no NOTIFY);
 4. ``COMMIT``.
 
 One writer per relationship at a time: check-ins are numbered in order (1 and 2,
@@ -34,7 +35,6 @@ import asyncpg
 
 from services.messaging.boundaries_store import availability_from_rows
 from services.messaging.store import (
-    OUTBOX_CHANNEL,
     Conflict,
     Device,
     NotFound,
@@ -152,7 +152,8 @@ _INSERT_MESSAGE = (
     " SELECT $4, $18::text, $19, m.id FROM m WHERE $18::text IS NOT NULL"
     " ON CONFLICT DO NOTHING RETURNING 1"
     ")"
-    f" SELECT m.*, pg_notify('{OUTBOX_CHANNEL}', '') AS notified FROM m"
+    # No NOTIFY: the route wakes this process's relay itself after the commit.
+    " SELECT m.* FROM m"
 )
 
 

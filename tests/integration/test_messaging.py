@@ -287,3 +287,26 @@ async def test_nothing_is_sent_to_someone_without_a_device(stack: Stack) -> None
     status, data = await stack.post(client, rid, await stack.envelope(client, rid, "x"))
     assert status == 409
     assert data["error"]["code"] == "peer_has_no_devices"
+
+
+async def test_a_checkin_wakes_its_own_relay_without_notify_or_polling(stack: Stack) -> None:
+    """The submit statement sends no NOTIFY: the route wakes this process's relay
+    after the commit. With polling out of the picture, the event still goes out
+    at once."""
+    relay = stack.apps["messaging"][RELAY]
+    relay._poll_seconds = 300  # from its next wait on
+    await asyncio.sleep(1)      # the current (short) wait ends; the relay idles
+    _, client, rid = await new_pair(stack)
+    pool = stack.apps["messaging"][POOL]
+    await asyncio.sleep(1)      # the pairing's own events are out
+    published = relay.state.published
+    status, stored = await stack.post(client, rid, await stack.envelope(client, rid, "x"))
+    assert status == 201
+
+    async def marked() -> bool:
+        return bool(await pool.fetchval(
+            "SELECT published_at IS NOT NULL FROM messaging.outbox"
+            " WHERE payload->'data'->>'message_id' = $1", stored["id"]))
+
+    assert await eventually(marked, timeout=5)
+    assert relay.state.published > published
