@@ -100,6 +100,10 @@ async def window_metrics(conn: asyncpg.Connection, start: float, end: float,
         "alert_p50_ms": _ms(percentile(alert, 50)),
         "alert_p99_ms": _ms(percentile(alert, 99)),
         "alert_max_ms": _ms(max(alert, default=None)),
+        # Check-ins per second *with their alert stored*: from the window's first
+        # check-in to its last alert, so the relay's and the notifier's catch-up
+        # after a closed-loop phase counts as the work it is.
+        "alerted_throughput_rps": _alerted_rate(rows),
         "alert_event_time_p99_ms": _ms(percentile(
             [float(r["event_time_s"]) for r in rows], 99)),
         "outbox_lag_p50_ms": _ms(percentile(lag, 50)),
@@ -107,6 +111,14 @@ async def window_metrics(conn: asyncpg.Connection, start: float, end: float,
         "outbox_lag_max_ms": _ms(max(lag, default=None)),
         "_alert_series": [(float(r["at"]) - t_origin, float(r["alert_s"])) for r in rows],
     }
+
+
+def _alerted_rate(rows: list[Any]) -> float | None:
+    if len(rows) < 2:
+        return None
+    first = min(float(r["at"]) for r in rows)
+    last = max(float(r["at"]) + float(r["alert_s"]) for r in rows)
+    return round(len(rows) / (last - first), 1) if last > first else None
 
 
 def _buckets(points: list[tuple[float, float]], width: float = 1.0
