@@ -195,17 +195,19 @@ async def _run_handler(message: aio_pika.abc.AbstractIncomingMessage, handler: H
     except PoisonMessage as exc:
         state.dead_lettered += 1
         log.warning("event dead-lettered", reason=str(exc), message_id=message.message_id)
-        try:
-            await message.reject(requeue=False)
-        finally:
-            if acks is not None:
-                acks.settled(message)
+        await message.reject(requeue=False)
+        # Only once the reject went out: an entry left unsettled keeps a later
+        # ack with ``multiple`` from covering (and so acking) this message.
+        if acks is not None:
+            acks.settled(message)
         return True
     except asyncio.CancelledError:
         # Back to the queue now; on a closed channel the broker does it anyway.
+        nacked = False
         with contextlib.suppress(*CONNECTION_ERRORS):
             await message.nack(requeue=True)
-        if acks is not None:
+            nacked = True
+        if nacked and acks is not None:
             acks.settled(message)
         raise
     except Exception:
@@ -240,16 +242,21 @@ async def _handle_one(message: aio_pika.abc.AbstractIncomingMessage, handler: Ha
         except BaseException:
             state.in_hand -= 1
             raise
+    nacked = False
     try:
         if not settled:
             # A pause before the requeue, so a short outage does not use up the
             # delivery limit in milliseconds and dead-letter a good message.
             await asyncio.sleep(REQUEUE_DELAY_SECONDS)
             await message.nack(requeue=True)
+            nacked = True
     finally:
         state.in_hand -= 1
-        if not settled and acks is not None:
-            acks.settled(message)  # nacked, or gone with a cancel
+        # Settled for the ack window only if the nack went out; a message left
+        # unsettled (a stop during the pause) is redelivered when the connection
+        # closes, and no ack with ``multiple`` may cover it before then.
+        if nacked and acks is not None:
+            acks.settled(message)
 
 
 Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.AbstractQueue]]

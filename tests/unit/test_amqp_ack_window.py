@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from shared.amqp import ConsumerState, _handle_one
 from shared.amqp_acks import AckWindow
 
 pytestmark = pytest.mark.timeout(10)
@@ -38,6 +39,10 @@ class Wire:
 class Message:
     delivery_tag: int
     wire: Wire
+
+    @property
+    def message_id(self) -> str:
+        return f"m{self.delivery_tag}"
 
     async def ack(self, multiple: bool = False) -> None:
         self.wire.send(("ack", self.delivery_tag, multiple))
@@ -134,3 +139,34 @@ async def test_flush_everything_acks_each_due_message_behind_an_unsettled_one() 
     # Tag 2 was never handled (a stop cancelled it): redelivered, never acked.
     assert wire.frames == [("ack", 1, True), ("ack", 3, False)]
     assert window.due == 0
+
+
+async def test_a_failed_message_stopped_before_its_nack_is_never_covered() -> None:
+    """A handler fails, and a stop comes during the pause before the nack: no ack
+    with ``multiple`` may then cover it (that would ack an event never applied);
+    a later message's ack goes out on its own and the broker redelivers the
+    failed one when the connection closes."""
+    wire, window, state = Wire(), AckWindow(delay=1, limit=16, straggler_seconds=60), \
+        ConsumerState()
+    failed, handled = deliver(window, wire, 2)
+
+    failing_now = asyncio.Event()
+
+    async def failing(_: object) -> None:
+        failing_now.set()
+        raise RuntimeError("database gone")
+
+    async def fine(_: object) -> None:
+        return None
+
+    first = asyncio.create_task(_handle_one(failed, failing, state,  # type: ignore[arg-type]
+                                            acks=window))
+    await asyncio.wait_for(failing_now.wait(), 5)
+    await asyncio.sleep(0.05)  # the pause before the nack lasts a second
+    assert state.retried == 1
+    first.cancel()  # in the pause before the nack
+    assert isinstance((await asyncio.gather(first, return_exceptions=True))[0],
+                      asyncio.CancelledError)
+    await _handle_one(handled, fine, state, acks=window)  # type: ignore[arg-type]
+    await window.flush(everything=True)
+    assert wire.frames == [("ack", 2, False)]
