@@ -138,10 +138,7 @@ class OutboxRelay:
     async def drain_once(self) -> int:
         """Publish one batch; returns how many rows were marked sent."""
         table = self._outbox.qualified
-        # RETURNING order is not guaranteed; publish in outbox order. (A claim
-        # cancelled in flight may have committed unseen: its rows wait out the
-        # lease, like a killed relay's.)
-        rows = sorted(await self._pool.fetch(
+        claim = asyncio.ensure_future(self._pool.fetch(
             f"/* relay_claim */ UPDATE {table}"
             " SET next_attempt_at = now() + make_interval(secs => $2)"
             f" WHERE id IN (SELECT id FROM {table} WHERE published_at IS NULL"
@@ -151,7 +148,20 @@ class OutboxRelay:
             " RETURNING id, event_id, routing_key, payload::text AS payload,"
             " payload->>'correlation_id' AS correlation_id, next_attempt_at AS leased_until",
             BATCH_SIZE, CLAIM_LEASE_SECONDS,
-        ), key=lambda row: row["id"])
+        ))
+        try:
+            claimed = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # A stop during the claim: the statement may commit all the same.
+            # Wait for it (briefly) and give back what it took, so a restart
+            # need not wait out the lease.
+            with contextlib.suppress(Exception):
+                taken = await asyncio.wait_for(claim, RELEASE_TIMEOUT_SECONDS)
+                if taken:
+                    await self._release([r["id"] for r in taken], taken[0]["leased_until"])
+            raise
+        # RETURNING order is not guaranteed; publish in outbox order.
+        rows = sorted(claimed, key=lambda row: row["id"])
         if not rows:
             return 0
         marked = False
@@ -280,6 +290,10 @@ class OutboxRelay:
         finally:
             self.state.listening = False
             await _discard(listen_conn)
+            if self._releases:
+                # Claims being given back finish before the owner closes the pool
+                # (else their rows wait out the lease); bounded by their timeout.
+                await asyncio.wait(list(self._releases))
 
 
 async def _discard(conn: asyncpg.Connection | None) -> None:

@@ -205,6 +205,45 @@ async def test_a_stopped_relay_gives_its_claim_back(
     assert len(await received(tap.queue, 2)) == 2
 
 
+class SlowAnswerPool:
+    """The real pool, but the claim's answer arrives late: the statement has
+    committed, the relay has not read its rows yet."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.claimed = asyncio.Event()
+
+    async def fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        found: list[asyncpg.Record] = await self._pool.fetch(query, *args)
+        if "relay_claim" in query:
+            self.claimed.set()
+            await asyncio.sleep(0.5)
+        return found
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+
+async def test_a_relay_stopped_while_its_claim_is_answered_gives_the_rows_back(
+        test_env: TestEnv, pool: asyncpg.Pool, outbox: Outbox, tap: Tap,
+        publisher: Publisher) -> None:
+    await add(pool, outbox, [make_event(tap.key, n=n) for n in range(2)])
+    slow = SlowAnswerPool(pool)
+    relay = OutboxRelay(slow, publisher, test_env.database_url, 0.2,  # type: ignore[arg-type]
+                        outbox)
+    task = asyncio.create_task(relay.drain_once())
+    await asyncio.wait_for(slow.claimed.wait(), 10)
+    assert all(row["lease_left"] > 0 for row in await rows(pool, outbox))
+    task.cancel()  # the claim committed; its answer is still on the way
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 10)
+    released = await rows(pool, outbox)
+    assert all(row["published_at"] is None and row["next_attempt_at"] is None
+               for row in released)
+    fresh = OutboxRelay(pool, publisher, test_env.database_url, 0.2, outbox)
+    assert await fresh.drain_once() == 2
+
+
 async def test_a_stopped_relay_gives_back_only_rows_it_still_holds(
         test_env: TestEnv, pool: asyncpg.Pool, outbox: Outbox, tap: Tap) -> None:
     await add(pool, outbox, [make_event(tap.key)])
