@@ -13,10 +13,11 @@ transaction held across the publish:
    in one ``UPDATE``: confirmed rows sent, the others due again (at once, or
    after a back-off if the broker could not route them).
 
-A relay that is stopped (cancelled) between claim and mark gives its rows back
-at once (best effort). One that is killed outright leaves them leased: any relay
-publishes them again once the lease ends, so an event may reach the broker
-twice, and consumers deduplicate by event id. The relay wakes on LISTEN/NOTIFY
+A relay that is stopped (cancelled) from its claim until its mark gives its rows
+back at once (best effort, before its stop returns). One that is killed
+outright leaves them leased: any relay publishes them again once the lease
+ends, so an event may reach the broker twice, and consumers deduplicate by
+event id. The relay wakes on LISTEN/NOTIFY
 and polls as a fallback; the LISTEN connection is re-made whenever it breaks. A
 hot path of the relay's own process may skip the NOTIFY and call
 :meth:`OutboxRelay.wake` after its commit instead.
