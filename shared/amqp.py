@@ -446,8 +446,11 @@ async def _pump_until_closed(connection: aio_pika.abc.AbstractConnection,
     watched: set[asyncio.Future[Any]] = {pumping, closed}
     if lanes is not None:
         watched.add(lanes.failed)
-    flushing = asyncio.ensure_future(acks.flush_when_due()) if acks is not None else \
-        asyncio.ensure_future(window.run()) if window is not None else None
+    flushing: asyncio.Future[None] | None = None
+    if acks is not None:
+        flushing = asyncio.ensure_future(acks.flush_when_due())
+    elif window is not None:
+        flushing = asyncio.ensure_future(window.run())
     if flushing is not None:
         watched.add(flushing)  # it ends only by failing (an ack on a dead channel)
     try:

@@ -75,8 +75,9 @@ async def transaction_opened_with(conn: asyncpg.Connection, prelude: str) -> Asy
     ``prelude`` is one or more statements *without parameters* (a simple query:
     take a lock whose key is spliced in with :func:`uuid_literal`, say); their
     rows are discarded, and the status of the last one (``"INSERT 0 1"``, say)
-    is what the context manager gives. Commits on a clean exit, rolls back otherwise, like
-    ``conn.transaction()``, which would spend a round trip on ``BEGIN`` alone.
+    is what the context manager gives. Commits on a clean exit, rolls back
+    otherwise, like ``conn.transaction()``, which would spend a round trip on
+    ``BEGIN`` alone.
     """
     try:
         status: str = await conn.execute(f"BEGIN; {prelude}")

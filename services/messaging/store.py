@@ -17,6 +17,7 @@ import asyncpg
 
 from shared import codes
 from shared.boundaries import Agreement
+from shared.db import uuid_literal
 from shared.events import (
     AGREEMENT_UPDATED,
     DEVICE_KEYS_CHANGED,
@@ -112,6 +113,12 @@ class StoredMessage:
 async def lock_relationship(conn: asyncpg.Connection, relationship_id: uuid.UUID) -> None:
     """Serialise writers of one relationship's messages until the transaction ends."""
     await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", str(relationship_id))
+
+
+def lock_relationship_statement(relationship_id: uuid.UUID) -> str:
+    """:func:`lock_relationship`'s statement (the same key: hashtext of the id's
+    text) with the id spliced in, to travel in a simple query."""
+    return f"SELECT pg_advisory_xact_lock(hashtext({uuid_literal(relationship_id)}))"
 
 
 def hash_code(code: str) -> bytes:

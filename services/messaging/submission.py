@@ -41,10 +41,11 @@ from services.messaging.store import (
     Relationship,
     StoredMessage,
     device_from_row,
+    lock_relationship_statement,
     message_from_row,
 )
 from shared.boundaries import Agreement, Period, period_start_in
-from shared.db import transaction_opened_with, uuid_literal
+from shared.db import transaction_opened_with
 from shared.events import CHECKIN_SUBMITTED, REPLY_SENT, MessageEventData, new_event
 from shared.schedule import WeeklySchedule
 
@@ -275,9 +276,8 @@ async def begin_submission(pool: asyncpg.Pool, relationship_id: uuid.UUID,
     Raises NotFound, as :meth:`MessagingStore.relationship_for_member` does, when
     there is no such relationship or ``member_id`` is not in it (never 'forbidden').
     """
-    # The same key as store.lock_relationship (hashtext of the id's text). It is
-    # taken before membership is known: a stranger holds it for one round trip.
-    lock = f"SELECT pg_advisory_xact_lock(hashtext({uuid_literal(relationship_id)}))"
+    # Taken before membership is known: a stranger holds it for one round trip.
+    lock = lock_relationship_statement(relationship_id)
     async with pool.acquire() as conn, transaction_opened_with(conn, lock):
         row = await conn.fetchrow(_CONTEXT, relationship_id, member_id, period_guess)
         if row is None:

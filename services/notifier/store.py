@@ -364,28 +364,23 @@ class NotifierStore:
         lock = "" if lock_user is None else (
             "SELECT pg_advisory_xact_lock("
             f"{RECIPIENT_LOCK_NAMESPACE:d}, {recipient_lock_key(lock_user):d}); ")
-        async with reachable(), self._pool.acquire() as conn:
-            if _PLAIN_EVENT_TYPE.fullmatch(event_type):
-                # A simple query (no parameters): the id is a UUID's text, the
-                # type checked above. Its status says whether a row went in.
-                inbox = ("/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
-                         f" VALUES ({uuid_literal(event_id)}, '{event_type}')"
-                         " ON CONFLICT (event_id) DO NOTHING")
-                async with transaction_opened_with(conn, lock + inbox) as status:
-                    if status != "INSERT 0 1":
-                        return False
-                    await work(EventTransaction(conn, locked=lock_user))
-                    return True
-            async with transaction_opened_with(conn, lock or "SELECT 1"):
-                inserted = await conn.fetchval(
-                    "/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
-                    " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
-                    event_id, event_type,
-                )
-                if not inserted:
-                    return False
-                await work(EventTransaction(conn, locked=lock_user))
-                return True
+        # The inbox entry travels with BEGIN as a simple query when the type can
+        # be spliced in (every real one; the id is a UUID's text): its status
+        # says whether a row went in. Any other type is inserted with parameters.
+        plain = _PLAIN_EVENT_TYPE.fullmatch(event_type) is not None
+        inbox = ("/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
+                 f" VALUES ({uuid_literal(event_id)}, '{event_type}')"
+                 " ON CONFLICT (event_id) DO NOTHING") if plain else "SELECT 1"
+        async with reachable(), self._pool.acquire() as conn, \
+                transaction_opened_with(conn, lock + inbox) as status:
+            inserted = status == "INSERT 0 1" if plain else await conn.fetchval(
+                "/* handle_event */ INSERT INTO notifier.inbox (event_id, event_type)"
+                " VALUES ($1, $2) ON CONFLICT (event_id) DO NOTHING RETURNING true",
+                event_id, event_type)
+            if not inserted:
+                return False
+            await work(EventTransaction(conn, locked=lock_user))
+            return True
 
     async def record_event(self, event_id: uuid.UUID, event_type: str,
                            notifications: Sequence[NewNotification]) -> bool:
