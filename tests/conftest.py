@@ -64,7 +64,7 @@ def _rabbitmqctl(*args: str) -> None:
     subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
 
 
-async def _create_database(name: str) -> None:
+async def create_database(name: str) -> None:
     conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
@@ -72,7 +72,7 @@ async def _create_database(name: str) -> None:
         await conn.close()
 
 
-async def _drop_database(name: str) -> None:
+async def drop_database(name: str) -> None:
     conn = await asyncpg.connect(ADMIN_DSN, timeout=10)
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -86,7 +86,7 @@ def test_env() -> Iterator[TestEnv]:
     suffix = secrets.token_hex(4)
     database = f"interlude_test_{suffix}"
     vhost = f"interlude-test-{suffix}"
-    asyncio.run(_create_database(database))
+    asyncio.run(create_database(database))
     _rabbitmqctl("add_vhost", vhost)
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
@@ -96,7 +96,7 @@ def test_env() -> Iterator[TestEnv]:
         yield env
     finally:
         _rabbitmqctl("delete_vhost", vhost)
-        asyncio.run(_drop_database(database))
+        asyncio.run(drop_database(database))
 
 
 @pytest.fixture

@@ -85,16 +85,19 @@ async def insert_notifications(conn: asyncpg.Connection,
         " ON CONFLICT (notification_id, channel_id) DO NOTHING RETURNING 1)"
         # A data-modifying WITH runs whether or not it is read; NOTIFY is delivered at
         # commit, once per channel and transaction.
-        " SELECT COALESCE(c.id, twin.id, old.id) AS id,"
+        # The id: the row created, else (COALESCE evaluates a subquery only when
+        # the ones before it gave NULL, i.e. only for a repeat) the same event
+        # and user created earlier in this call, else by an earlier transaction:
+        # a lookup by the unique key. (A join to the table here was planned as a
+        # scan of the whole table per call once its statistics were stale.)
+        " SELECT COALESCE(c.id,"
+        "  (SELECT t.id FROM created t"
+        "   WHERE t.event_id = w.event_id AND t.user_id = w.user_id LIMIT 1),"
+        "  (SELECT old.id FROM notifier.notifications old"
+        "   WHERE old.event_id = w.event_id AND old.user_id = w.user_id)) AS id,"
         "  (SELECT pg_notify($13, '') FROM (SELECT FROM announced LIMIT 1) a) AS announced,"
         "  (SELECT pg_notify($14, '') FROM (SELECT FROM delivering LIMIT 1) d) AS delivering"
         " FROM wanted w LEFT JOIN created c ON c.id = w.id"
-        # The same event and user twice in one call: the one created is the other's id.
-        " LEFT JOIN LATERAL (SELECT t.id FROM created t"
-        "  WHERE t.event_id = w.event_id AND t.user_id = w.user_id LIMIT 1) twin ON true"
-        # A repeat of a notification made by an earlier transaction.
-        " LEFT JOIN notifier.notifications old"
-        "  ON old.event_id = w.event_id AND old.user_id = w.user_id"
         " ORDER BY w.ord",
         new_ids, [n.user_id for n in notifications], [n.kind for n in notifications],
         [n.relationship_id for n in notifications], [n.message_id for n in notifications],

@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,11 +21,9 @@ from services.notifier.store import (
     NewNotification,
     insert_notifications,
 )
-from shared.db import create_pool
+from shared.db import create_pool, migrate_all
 from shared.events import NOTIFICATION_CREATED
-
-if TYPE_CHECKING:
-    from tests.conftest import TestEnv
+from tests.conftest import PG_BASE, TestEnv, create_database, drop_database
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -149,3 +147,70 @@ async def test_a_repeat_returns_the_first_id_and_creates_nothing(pool: asyncpg.P
         "SELECT count(*) FROM notifier.deliveries WHERE notification_id = $1", first) == 1
     assert await pool.fetchval(
         "SELECT count(*) FROM notifier.notifications WHERE event_id = $1", event_id) == 1
+
+
+class CapturingConnection:
+    """Records the statement ``insert_notifications`` sends instead of running it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        self.calls.append((sql, args))
+        return [{"id": uuid.uuid4()}]
+
+
+def sql_literal(value: Any) -> str:
+    """A text literal PostgreSQL casts to the prepared statement's parameter type."""
+    def text(item: Any) -> str:
+        return item.isoformat() if isinstance(item, datetime) else str(item)
+
+    if isinstance(value, list):
+        value = "{" + ",".join(
+            "NULL" if item is None
+            else '"' + text(item).replace("\\", "\\\\").replace('"', '\\"') + '"'
+            for item in value) + "}"
+    return "'" + text(value).replace("'", "''") + "'"
+
+
+def scanned_tables(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    found = [(plan["Node Type"], plan["Relation Name"])] if "Relation Name" in plan else []
+    for child in plan.get("Plans", []):
+        found += scanned_tables(child)
+    return found
+
+
+async def test_a_repeat_is_looked_up_by_key_never_by_scanning_every_notification(
+    test_env: TestEnv,
+) -> None:
+    """Each alert's statement must cost the same at a million notifications as at ten.
+
+    It once joined the table to find repeats. asyncpg prepares the statement and
+    Postgres caches a generic plan for it after five runs; made while the table
+    was new (never analysed: it looks like ten pages), that plan scanned every
+    notification on every call for as long as the connection lived or until
+    autovacuum analysed the table, which a new deployment (and the benchmark)
+    runs into. Planned in a database of its own, as new as a deployment's.
+    """
+    capture = CapturingConnection()
+    await insert_notifications(  # type: ignore[arg-type]
+        capture, [checkin_alert(uuid.uuid4(), uuid.uuid4())])
+    [(sql, args)] = capture.calls
+    database = f"{test_env.database}_plan"
+    await create_database(database)
+    try:
+        await migrate_all(f"{PG_BASE}/{database}")
+        conn = await asyncpg.connect(f"{PG_BASE}/{database}", timeout=10)
+        try:
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
+            await conn.execute(f"PREPARE insert_notifications_plan AS {sql}")
+            plan = json.loads(await conn.fetchval(
+                "EXPLAIN (FORMAT JSON) EXECUTE insert_notifications_plan"
+                f" ({', '.join(map(sql_literal, args))})"))
+        finally:
+            await conn.close()
+    finally:
+        await drop_database(database)
+    scans = scanned_tables(plan[0]["Plan"])
+    assert ("Index Scan", "notifications") in scans
+    assert [scan for scan in scans if scan[0] == "Seq Scan"] == []
