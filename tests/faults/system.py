@@ -222,22 +222,37 @@ class Outcome:
     answers_lost: int = 0
     slowest: float = 0.0
 
+    def unfinished(self, items: list[Prepared]) -> bool:
+        """True while some of ``items`` is not accepted yet: a drill checks it as
+        its fault begins, to prove the fault hit the stream, not its aftermath."""
+        return len(self.accepted) < len(items)
+
 
 async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                 retry_for: float = 60.0, deadline: float = 240.0,
-                fresh_connections: bool = False) -> Outcome:
+                fresh_connections: bool = False, rate: float | None = None,
+                outcome: Outcome | None = None) -> Outcome:
     """Post every check-in, retrying 503s and connection failures with the same
-    Idempotency-Key for up to ``retry_for`` seconds each; count what happened."""
-    outcome = Outcome()
-    queue: asyncio.Queue[Prepared] = asyncio.Queue()
-    for item in items:
-        queue.put_nowait(item)
+    Idempotency-Key for up to ``retry_for`` seconds each; count what happened
+    (into ``outcome`` if given, so a drill can watch it while the stream runs).
+
+    With ``rate``, check-in *i* is first sent no earlier than *i* / ``rate``
+    seconds after the start: the stream then lasts at least ``len(items) /
+    rate`` seconds however fast the machine is, so a fault a drill injects after
+    a fixed delay surely lands in the middle of it."""
+    outcome = Outcome() if outcome is None else outcome
+    queue: asyncio.Queue[tuple[int, Prepared]] = asyncio.Queue()
+    for index, item in enumerate(items):
+        queue.put_nowait((index, item))
     connector = aiohttp.TCPConnector(limit=concurrency, force_close=fresh_connections)
     timeout = aiohttp.ClientTimeout(total=30)
+    start = time.monotonic()
 
     async def worker(http: aiohttp.ClientSession) -> None:
         while not queue.empty():
-            item = queue.get_nowait()
+            index, item = queue.get_nowait()
+            if rate is not None:
+                await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
             key = str(item.message_id)
             give_up = time.monotonic() + retry_for
             was_reset = False

@@ -14,7 +14,7 @@ import aio_pika
 import pytest
 
 from tests.faults.conftest import Drill
-from tests.faults.system import drive, make_pairs, prepare, wait_for_exactly_once
+from tests.faults.system import Outcome, drive, make_pairs, prepare, wait_for_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(420)]
 
@@ -39,15 +39,21 @@ async def eventually_true(check, timeout: float = 60) -> None:  # type: ignore[n
 async def test_broker_restarts_lose_nothing_and_consumers_come_back(drill: Drill) -> None:
     pairs = await make_pairs(drill.services, drill.database_url, 8)
     items = prepare(pairs, 2000)
+    outcome, mid_stream = Outcome(), []
 
     async def break_the_broker() -> None:
         for _ in range(2):
             await asyncio.sleep(4)
+            mid_stream.append(outcome.unfinished(items))
             await asyncio.to_thread(drill.mq.stop_app)
             await asyncio.sleep(3)
             await asyncio.to_thread(drill.mq.start_app)
 
-    outcome, _ = await asyncio.gather(drive(drill.services.gateway, items), break_the_broker())
+    # At most 100 check-ins a second: the stream lasts 20 s or more, so both
+    # stops land in it however fast the machine is.
+    await asyncio.gather(drive(drill.services.gateway, items, rate=100, outcome=outcome),
+                         break_the_broker())
+    assert mid_stream == [True, True], "a stop came after the stream: the drill proves nothing"
     # The outbox held: check-ins were accepted while the broker was away.
     assert len(outcome.accepted) == len(items)
 
@@ -64,14 +70,18 @@ async def test_broker_restarts_lose_nothing_and_consumers_come_back(drill: Drill
 async def test_notifier_killed_mid_stream_has_exactly_once_effects(drill: Drill) -> None:
     pairs = await make_pairs(drill.services, drill.database_url, 4)
     items = prepare(pairs, 600)
+    outcome, mid_stream = Outcome(), []
 
     async def kill_and_restart() -> None:
         await asyncio.sleep(2)
+        mid_stream.append(outcome.unfinished(items))
         drill.services.kill("notifier")
         await asyncio.sleep(2)
         drill.services.start("notifier")
 
-    outcome, _ = await asyncio.gather(drive(drill.services.gateway, items), kill_and_restart())
+    await asyncio.gather(drive(drill.services.gateway, items, rate=100, outcome=outcome),
+                         kill_and_restart())
+    assert mid_stream == [True], "the kill came after the stream: the drill proves nothing"
     assert len(outcome.accepted) == len(items)
     await asyncio.to_thread(drill.services.wait_ready, ("notifier",))
     await wait_for_exactly_once(drill.database_url, outcome.accepted)
@@ -81,14 +91,17 @@ async def test_postgres_restart_answers_503_and_everything_recovers(drill: Drill
     pairs = await make_pairs(drill.services, drill.database_url, 4)
     items = prepare(pairs, 600)
 
+    outcome = Outcome()
+
     async def restart_postgres() -> None:
         await asyncio.sleep(2)
         await asyncio.to_thread(drill.pg.stop)
         await asyncio.sleep(4)
         await asyncio.to_thread(drill.pg.start)
 
-    outcome, _ = await asyncio.gather(
-        drive(drill.services.gateway, items, retry_for=90), restart_postgres())
+    await asyncio.gather(
+        drive(drill.services.gateway, items, retry_for=90, rate=100, outcome=outcome),
+        restart_postgres())
     assert 500 not in outcome.statuses, outcome.statuses
     assert outcome.statuses[503] > 0, "the outage was not seen: the drill proves nothing"
     assert outcome.slowest < 15, f"a request hung for {outcome.slowest:.1f} s"
@@ -103,15 +116,20 @@ async def test_postgres_restart_answers_503_and_everything_recovers(drill: Drill
 async def test_graceful_shutdown_under_load_resets_nothing(drill: Drill, service: str) -> None:
     pairs = await make_pairs(drill.services, drill.database_url, 4)
     items = prepare(pairs, 400)
+    outcome, mid_stream = Outcome(), []
 
     async def stop_and_start() -> None:
         await asyncio.sleep(1.5)
+        mid_stream.append(outcome.unfinished(items))
         code = await asyncio.to_thread(drill.services.terminate, service)
         assert code == 0, drill.services.log_tail(service)
         drill.services.start(service)
 
-    outcome, _ = await asyncio.gather(
-        drive(drill.services.gateway, items, fresh_connections=True), stop_and_start())
+    await asyncio.gather(
+        drive(drill.services.gateway, items, fresh_connections=True, rate=100,
+              outcome=outcome),
+        stop_and_start())
+    assert mid_stream == [True], "the stop came after the stream: the drill proves nothing"
     # Requests the service had accepted completed with their answer: none was
     # stored and then cut off. (A connection still waiting in the kernel's accept
     # queue when the listener closes can be refused; it carried nothing accepted,
