@@ -50,13 +50,14 @@ async def _declare_broker_topology(amqp_url: str) -> None:
     only to the gateways' transient stream queues: confirmed, marked sent, and
     never alerted. With the durable queue in place they wait there.
     """
-    from services.notifier.consumer import BINDINGS, QUEUE
+    from services.notifier.consumer import BINDINGS, QUEUE, RETIRED_BINDINGS
     from shared.amqp import connect, declare_consumer_queue
 
     async with asyncio.timeout(15):
         connection = await connect(amqp_url)
         try:
-            await declare_consumer_queue(await connection.channel(), QUEUE, BINDINGS)
+            await declare_consumer_queue(await connection.channel(), QUEUE, BINDINGS,
+                                         retired=RETIRED_BINDINGS)
         finally:
             await connection.close()
 

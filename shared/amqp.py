@@ -75,8 +75,12 @@ async def declare_exchanges(channel: aio_pika.abc.AbstractChannel) -> aio_pika.a
 
 
 async def declare_consumer_queue(channel: aio_pika.abc.AbstractChannel, name: str,
-                                 bindings: Sequence[str]) -> aio_pika.abc.AbstractQueue:
-    """A durable quorum queue bound to ``bindings``, with its own dead-letter queue."""
+                                 bindings: Sequence[str], *, retired: Sequence[str] = (),
+                                 ) -> aio_pika.abc.AbstractQueue:
+    """A durable quorum queue bound to ``bindings``, with its own dead-letter queue.
+
+    A durable queue keeps the bindings an earlier release gave it; ``retired``
+    names those to remove (removing one that is not there is harmless)."""
     events = await declare_exchanges(channel)
     dead = await channel.declare_queue(f"{name}.dead", durable=True,
                                        arguments={"x-queue-type": "quorum"})
@@ -89,14 +93,17 @@ async def declare_consumer_queue(channel: aio_pika.abc.AbstractChannel, name: st
     })
     for key in bindings:
         await queue.bind(events, routing_key=key)
+    for key in retired:
+        await queue.unbind(events, routing_key=key)
     return queue
 
 
 class Publisher:
-    """Publishes to the events exchange with publisher confirms and ``mandatory``.
+    """Publishes to the events exchange with publisher confirms (and ``mandatory``
+    unless told otherwise).
 
     :meth:`publish` returns only once the broker has confirmed the message; an
-    unroutable message (returned) or a nack raises :class:`PublishFailed`. On any
+    unroutable mandatory message (returned) or a nack raises :class:`PublishFailed`. On any
     connection trouble the connection is dropped and re-made on the next call.
     """
 
@@ -135,7 +142,10 @@ class Publisher:
             raise
 
     async def publish(self, routing_key: str, body: bytes, *, message_id: str,
-                      correlation_id: str | None = None, timeout: float = 10.0) -> None:
+                      correlation_id: str | None = None, timeout: float = 10.0,
+                      mandatory: bool = True) -> None:
+        """Publish and wait for the confirm. With ``mandatory=False`` a message no
+        queue is bound for is confirmed and dropped by the broker, not returned."""
         try:
             exchange = await self.ensure()
             message = aio_pika.Message(
@@ -143,7 +153,7 @@ class Publisher:
                 content_type="application/json",
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
-            await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+            await exchange.publish(message, routing_key, mandatory=mandatory, timeout=timeout)
         except aio_pika.exceptions.DeliveryError as exc:
             if isinstance(exc.frame, Basic.Return):
                 raise Unroutable(f"no queue is bound for {routing_key}") from exc
@@ -265,8 +275,10 @@ Declare = Callable[[aio_pika.abc.AbstractChannel], Awaitable[aio_pika.abc.Abstra
 async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], handler: Handler,
                           state: ConsumerState, *, prefetch: int = 32,
                           max_backoff: float = 5.0, concurrency: int = 1,
-                          lane_key: LaneKey | None = None, ack_delay: float = 0.0) -> None:
+                          lane_key: LaneKey | None = None, ack_delay: float = 0.0,
+                          retired: Sequence[str] = ()) -> None:
     """Consume ``queue_name`` until cancelled, reconnecting after any broker failure.
+    (Each (re)connection declares the queue: see :func:`declare_consumer_queue`.)
 
     The handler must commit its own effects before returning: the message is
     acked only afterwards. It raises :class:`PoisonMessage` for a message that
@@ -280,7 +292,7 @@ async def consume_forever(url: str, queue_name: str, bindings: Sequence[str], ha
     whose effects are committed; the handler must absorb a repeat.
     """
     async def declare(channel: aio_pika.abc.AbstractChannel) -> aio_pika.abc.AbstractQueue:
-        return await declare_consumer_queue(channel, queue_name, bindings)
+        return await declare_consumer_queue(channel, queue_name, bindings, retired=retired)
 
     await _consume_loop(url, queue_name, declare, handler, state, prefetch=prefetch,
                         max_backoff=max_backoff, concurrency=concurrency, lane_key=lane_key,

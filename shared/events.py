@@ -19,6 +19,11 @@ AVAILABILITY_UPDATED = "availability.updated"
 AGREEMENT_UPDATED = "agreement.updated"
 NOTIFICATION_CREATED = "notification.created"
 
+# What messaging announces: the record of what happened, which its outbox must
+# deliver to at least one durable queue (the notifier's binds every one of them).
+MESSAGING_EVENTS = (CHECKIN_SUBMITTED, REPLY_SENT, RELATIONSHIP_CREATED, DEVICE_KEYS_CHANGED,
+                    AVAILABILITY_UPDATED, AGREEMENT_UPDATED)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -8,7 +8,8 @@ transaction held across the publish:
 1. *Claim*: one ``UPDATE`` leases due rows (picked ``FOR UPDATE SKIP LOCKED``, so
    several relays can run) by moving their ``next_attempt_at``
    :data:`CLAIM_LEASE_SECONDS` ahead; no other relay takes them until then.
-2. Publish them with publisher confirms and ``mandatory`` (bounded by
+2. Publish them with publisher confirms and ``mandatory`` (except the
+   :attr:`Outbox.hints`; bounded by
    :data:`PUBLISH_DEADLINE_SECONDS`, which the lease outlasts), then *mark* them
    in one ``UPDATE``: confirmed rows sent, the others due again (at once, or
    after a back-off if the broker could not route them).
@@ -62,11 +63,18 @@ _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 @dataclass(frozen=True, slots=True)
 class Outbox:
-    """Where a service's outbox lives: ``schema.table``, woken on ``channel``."""
+    """Where a service's outbox lives: ``schema.table``, woken on ``channel``.
+
+    ``hints`` are routing keys of events that only queues of live listeners bind
+    (a gateway's stream queue): they are published without ``mandatory``, so
+    while nobody listens the broker drops them, as there is no one to tell,
+    instead of returning them for the relay to retry. Every other key must reach
+    a queue, or its row waits and is retried."""
 
     schema: str
     channel: str
     table: str = "outbox"
+    hints: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         # The names are spliced into SQL text; only plain identifiers are accepted.
@@ -207,6 +215,7 @@ class OutboxRelay:
         tasks = [asyncio.ensure_future(self._publisher.publish(
             row["routing_key"], row["payload"].encode(), message_id=str(row["event_id"]),
             correlation_id=row["correlation_id"] or "",
+            mandatory=row["routing_key"] not in self._outbox.hints,
         )) for row in rows]
         try:
             await asyncio.wait(tasks, timeout=PUBLISH_DEADLINE_SECONDS)

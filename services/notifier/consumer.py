@@ -34,6 +34,7 @@ from shared.events import (
     AGREEMENT_UPDATED,
     AVAILABILITY_UPDATED,
     CHECKIN_SUBMITTED,
+    MESSAGING_EVENTS,
     REPLY_SENT,
     Event,
     MalformedEvent,
@@ -43,7 +44,13 @@ from shared.events import (
 log = structlog.get_logger(__name__)
 
 QUEUE = "notifier.events"
-BINDINGS = ("#",)  # every event: none is unroutable, and later rules need them
+# Every event messaging announces, so that none of them is unroutable (the
+# handlers ignore those they have nothing to do for). Not the notifier's own
+# notification.created: those are for gateways' streams only (they came back
+# here, one per alert, for nothing).
+BINDINGS = MESSAGING_EVENTS
+# Bound by earlier releases; `interlude migrate` and the consumer remove them.
+RETIRED_BINDINGS = ("#",)
 # How long a stop waits for the messages in hand before cancelling them (they are
 # then rolled back and redelivered, which the inbox makes harmless).
 STOP_GRACE_SECONDS = 15.0
@@ -141,7 +148,7 @@ class EventConsumer:
         """Consume ``notifier.events`` until cancelled."""
         await consume_forever(amqp_url, QUEUE, BINDINGS, self.handle, self._state,
                               concurrency=self._concurrency, lane_key=lane_key,
-                              ack_delay=ACK_DELAY_SECONDS)
+                              ack_delay=ACK_DELAY_SECONDS, retired=RETIRED_BINDINGS)
 
     async def stop(self, task: asyncio.Task[None], *, grace: float = STOP_GRACE_SECONDS) -> None:
         """Take no new message, let those in hand commit and be settled (for at most
@@ -169,7 +176,6 @@ class EventConsumer:
             raise PoisonMessage(f"malformed event: {exc}") from None
         if event.type not in HANDLERS:
             # Nothing to apply, so nothing to record: acked without a transaction.
-            # (Its own notification.created events come back here, one per alert.)
             return
         with structlog.contextvars.bound_contextvars(
             event_id=str(event.event_id), event_type=event.type,

@@ -18,7 +18,10 @@ from shared.events import NOTIFICATION_CREATED, NotificationEventData, new_event
 from shared.outbox import Outbox
 
 # notification.created events for live streams, relayed by the notifier itself.
-NOTIFIER_OUTBOX = Outbox(schema="notifier", channel="notifier_outbox")
+# Only gateways with a stream open bind them; with none running there is no one
+# to tell (a stream that connects later reads the feed), so they may go nowhere.
+NOTIFIER_OUTBOX = Outbox(schema="notifier", channel="notifier_outbox",
+                         hints=frozenset({NOTIFICATION_CREATED}))
 
 
 @dataclass(frozen=True, slots=True)

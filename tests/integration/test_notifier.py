@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -18,9 +20,18 @@ from aiohttp.test_utils import TestClient, TestServer
 from services.notifier.app import CONSUMER_STATE, CONSUMER_TASK, create_app
 from services.notifier.consumer import QUEUE, EventConsumer
 from services.notifier.store import CHECKIN_RECEIVED, NewNotification, NotifierStore
-from shared.amqp import ConsumerState, Publisher
+from shared.amqp import (
+    EVENTS_EXCHANGE,
+    ConsumerState,
+    Publisher,
+    Unroutable,
+    declare_consumer_queue,
+)
 from shared.events import (
     CHECKIN_SUBMITTED,
+    MESSAGING_EVENTS,
+    NOTIFICATION_CREATED,
+    RELATIONSHIP_CREATED,
     REPLY_SENT,
     Event,
     MessageEventData,
@@ -205,7 +216,8 @@ async def test_an_event_type_without_a_handler_is_acked_and_ignored(
     notifier: Notifier, publisher: Publisher, db_pool: asyncpg.Pool,
 ) -> None:
     event, _ = message_event(CHECKIN_SUBMITTED)
-    unknown = event.model_copy(update={"type": "checkin.withdrawn"})
+    # Bound (every messaging event is, so none is unroutable), but nothing to do.
+    unknown = event.model_copy(update={"type": RELATIONSHIP_CREATED})
     handled = notifier.state.handled
     await publish(publisher, unknown)
 
@@ -217,6 +229,37 @@ async def test_an_event_type_without_a_handler_is_acked_and_ignored(
     assert not await in_inbox(db_pool, event.event_id)
     assert await notifications_of(db_pool, event.event_id) == []
     assert notifier.state.dead_lettered == 0
+
+
+def bindings_of(vhost: str, queue: str) -> set[str]:
+    """The routing keys binding ``queue`` to the events exchange, as the broker has them."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "list_bindings", "-p", vhost, "-q", "--formatter", "json",
+         "source_name", "destination_name", "routing_key"],
+        check=True, capture_output=True, text=True, timeout=60).stdout
+    return {b["routing_key"] for b in json.loads(listed)
+            if b["source_name"] == EVENTS_EXCHANGE and b["destination_name"] == queue}
+
+
+async def test_the_queue_takes_messaging_events_and_not_its_own_announcements(
+    test_env: TestEnv, publisher: Publisher,
+) -> None:
+    # The queue as an earlier release left it: bound to every key.
+    connection = await aio_pika.connect(test_env.amqp_url, timeout=10)
+    try:
+        await declare_consumer_queue(await connection.channel(), QUEUE, ["#"])
+    finally:
+        await connection.close()
+    assert "#" in bindings_of(test_env.vhost, QUEUE)
+    app = create_app(test_env.settings())
+    async with TestClient(TestServer(app)) as client:
+        await eventually(lambda: _ready(client))
+        assert bindings_of(test_env.vhost, QUEUE) == set(MESSAGING_EVENTS)
+        # So its own notification.created no longer comes back to it: with no
+        # gateway streaming, nothing takes one.
+        event, _ = message_event(CHECKIN_SUBMITTED)
+        with pytest.raises(Unroutable):
+            await publish(publisher, event.model_copy(update={"type": NOTIFICATION_CREATED}))
 
 
 async def test_store_refuses_a_second_notification_for_the_same_event(

@@ -8,7 +8,7 @@ import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -23,7 +23,10 @@ from services.notifier.store import (
 )
 from shared.db import create_pool, migrate_all
 from shared.events import NOTIFICATION_CREATED
-from tests.conftest import PG_BASE, TestEnv, create_database, drop_database
+from tests.conftest import PG_BASE, create_database, drop_database
+
+if TYPE_CHECKING:
+    from tests.conftest import TestEnv
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 

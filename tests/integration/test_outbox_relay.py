@@ -5,6 +5,7 @@ messaging's) and its own routing key, so no service's relay or queue is involved
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import uuid
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 
 import shared.outbox
-from shared.amqp import EVENTS_EXCHANGE, Publisher, PublishFailed, Unroutable
+from shared.amqp import EVENTS_EXCHANGE, Publisher, PublishFailed
 from shared.db import create_pool
 from shared.events import Event, decode_event
 from shared.outbox import (
@@ -52,27 +53,11 @@ class StuckPublisher(Publisher):
         self.publishing = asyncio.Event()
 
     async def publish(self, routing_key: str, body: bytes, *, message_id: str,
-                      correlation_id: str | None = None, timeout: float = 10.0) -> None:
+                      correlation_id: str | None = None, timeout: float = 10.0,
+                      mandatory: bool = True) -> None:
         self.calls += 1
         self.publishing.set()
         await asyncio.Event().wait()
-
-
-class PartlyUnroutable(Publisher):
-    """A real publisher, except that nothing is bound for ``unroutable``. (The
-    notifier's queue takes every key in this vhost, so the broker cannot be made
-    to return a message here.)"""
-
-    def __init__(self, url: str, unroutable: str) -> None:
-        super().__init__(url)
-        self.unroutable = unroutable
-
-    async def publish(self, routing_key: str, body: bytes, *, message_id: str,
-                      correlation_id: str | None = None, timeout: float = 10.0) -> None:
-        if routing_key == self.unroutable:
-            raise Unroutable(f"no queue is bound for {routing_key}")
-        await super().publish(routing_key, body, message_id=message_id,
-                              correlation_id=correlation_id, timeout=timeout)
 
 
 @pytest.fixture
@@ -287,19 +272,22 @@ async def test_the_published_body_is_the_stored_payload(
     assert message.content_type == "application/json"
 
 
-async def test_one_mark_settles_sent_and_unroutable_rows(
-        test_env: TestEnv, pool: asyncpg.Pool, outbox: Outbox, tap: Tap) -> None:
+async def test_one_mark_settles_sent_unroutable_and_unheard_rows(
+        test_env: TestEnv, pool: asyncpg.Pool, outbox: Outbox, tap: Tap,
+        publisher: Publisher) -> None:
+    """Against the real broker: a key no queue binds is returned and waits for a
+    retry; a hint no queue binds (nobody listening) is dropped by the broker and
+    counts as sent."""
     unroutable = f"test.nowhere.{uuid.uuid4().hex}"
-    events = [make_event(tap.key), make_event(unroutable), make_event(tap.key)]
+    hint = f"test.hint.{uuid.uuid4().hex}"
+    outbox = dataclasses.replace(outbox, hints=frozenset({hint}))
+    events = [make_event(tap.key), make_event(unroutable), make_event(hint),
+              make_event(tap.key)]
     await add(pool, outbox, events)
-    publisher = PartlyUnroutable(test_env.amqp_url, unroutable)
     relay = OutboxRelay(pool, publisher, test_env.database_url, 0.2, outbox)
-    try:
-        assert await relay.drain_once() == 2  # an unroutable row alone does not raise
-    finally:
-        await publisher.close()
-    sent_a, waiting, sent_c = await rows(pool, outbox)
-    for row in (sent_a, sent_c):
+    assert await relay.drain_once() == 3  # an unroutable row alone does not raise
+    sent_a, waiting, unheard, sent_c = await rows(pool, outbox)
+    for row in (sent_a, unheard, sent_c):
         assert row["published_at"] is not None
         assert row["attempts"] == 1
         assert row["next_attempt_at"] is None
@@ -308,7 +296,7 @@ async def test_one_mark_settles_sent_and_unroutable_rows(
     assert waiting["attempts"] == 1
     assert "no queue is bound" in waiting["last_error"]
     assert 0 < waiting["lease_left"] <= 1  # the first back-off step: 1 s
-    assert (relay.state.published, relay.state.unroutable, relay.state.failures) == (2, 1, 0)
+    assert (relay.state.published, relay.state.unroutable, relay.state.failures) == (3, 1, 0)
     assert relay.state.broker_ok
     assert len(await received(tap.queue, 2)) == 2
 

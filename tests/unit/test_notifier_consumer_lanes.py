@@ -3,16 +3,20 @@ events share a lane; anything else is a lane of its own."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
-from services.notifier.consumer import lane_key
+import shared.events
+from services.notifier.consumer import BINDINGS, lane_key
+from services.notifier.notifications_store import NOTIFIER_OUTBOX
 from shared.events import (
     AGREEMENT_UPDATED,
     AVAILABILITY_UPDATED,
     CHECKIN_SUBMITTED,
+    MESSAGING_EVENTS,
     NOTIFICATION_CREATED,
     RELATIONSHIP_CREATED,
     REPLY_SENT,
@@ -83,3 +87,16 @@ def test_unreadable_messages_get_a_lane_of_their_own() -> None:
         assert lane_key(as_message(event)) == ("event", event.event_id)
     missing = broken.model_copy(update={"data": {}})
     assert lane_key(as_message(missing)) == ("event", missing.event_id)
+
+
+def test_every_event_type_is_routed_somewhere_on_purpose() -> None:
+    """A new event type must be put in MESSAGING_EVENTS (the notifier's durable
+    queue binds it; publishing it must reach that queue) or be a live hint like
+    notification.created; otherwise its outbox rows would wait, unroutable."""
+    declared = {value for name, value in vars(shared.events).items()
+                if name.isupper() and isinstance(value, str)
+                and re.fullmatch(r"[a-z]+\.[a-z_]+", value)}
+    assert declared == set(MESSAGING_EVENTS) | {NOTIFICATION_CREATED}
+    assert set(BINDINGS) == set(MESSAGING_EVENTS)
+    assert NOTIFICATION_CREATED not in BINDINGS
+    assert NOTIFIER_OUTBOX.hints == {NOTIFICATION_CREATED}
