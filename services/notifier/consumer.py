@@ -14,6 +14,7 @@ see :func:`lane_key`.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Hashable, Mapping
@@ -96,13 +97,21 @@ def read_clock(clock: Clock) -> datetime:
     return now.replace(tzinfo=UTC) if now.tzinfo is None else now.astimezone(UTC)
 
 
+@functools.lru_cache(maxsize=256)
+def decoded(body: bytes) -> Event:
+    """``decode_event(body)``, remembered for the few bodies in hand: the lane key
+    and the handler both need the event, and a body is decoded once for both
+    (the same bytes are the same event; events are never changed in place)."""
+    return decode_event(body)
+
+
 def lane_key(message: aio_pika.abc.AbstractIncomingMessage) -> Hashable:
     """What ``message`` must stay in order with: its therapist, for the events that
     change or read what is theirs; otherwise the event itself (so a redelivered
     copy waits for the first). Never raises: what cannot be read gets a lane of
     its own, and the handler dead-letters it."""
     try:
-        event = decode_event(message.body)
+        event = decoded(message.body)
     except MalformedEvent:
         return ("delivery", message.delivery_tag)
     therapist = therapist_of(event)
@@ -171,7 +180,7 @@ class EventConsumer:
     async def handle(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         """Handle one message; raises :class:`PoisonMessage` for one that can never succeed."""
         try:
-            event = decode_event(message.body)
+            event = decoded(message.body)
         except MalformedEvent as exc:
             raise PoisonMessage(f"malformed event: {exc}") from None
         if event.type not in HANDLERS:

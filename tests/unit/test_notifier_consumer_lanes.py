@@ -10,7 +10,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import shared.events
-from services.notifier.consumer import BINDINGS, lane_key
+from services.notifier.consumer import BINDINGS, decoded, lane_key
 from services.notifier.notifications_store import NOTIFIER_OUTBOX
 from shared.events import (
     AGREEMENT_UPDATED,
@@ -100,3 +100,14 @@ def test_every_event_type_is_routed_somewhere_on_purpose() -> None:
     assert set(BINDINGS) == set(MESSAGING_EVENTS)
     assert NOTIFICATION_CREATED not in BINDINGS
     assert NOTIFIER_OUTBOX.hints == {NOTIFICATION_CREATED}
+
+
+def test_the_lane_key_and_the_handler_share_one_decoding() -> None:
+    event = message_event(CHECKIN_SUBMITTED)
+    message = as_message(event)
+    before = decoded.cache_info()
+    lane_key(message)
+    assert decoded(message.body) is decoded(bytes(message.body))  # what the handler gets
+    after = decoded.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 2)
+    assert decoded(message.body) == event
