@@ -103,13 +103,21 @@ def create_app(settings: Settings, *, clock: Callable[[], datetime] | None = Non
 async def _database(app: web.Application) -> AsyncIterator[None]:
     pool = await create_pool(app[SETTINGS].database_url)
     app[DB_POOL] = pool
-    app[STORE] = NotifierStore(pool)
+    # The consumer's alerts wake this process's relay directly after their commit
+    # (no NOTIFY through Postgres; until the relay runs, its polling finds them).
+    app[STORE] = NotifierStore(pool, wake_relay=lambda: _wake_relay(app))
     app[CHANNELS] = ChannelStore(pool)
     app[DELIVERIES] = DeliveryStore(pool)
     try:
         yield
     finally:
         await pool.close()
+
+
+def _wake_relay(app: web.Application) -> None:
+    relay = app.get(RELAY)
+    if relay is not None:
+        relay.wake()
 
 
 def _log_task_end(task: asyncio.Task[None]) -> None:

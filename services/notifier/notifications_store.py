@@ -40,6 +40,15 @@ class NewNotification:
     details: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Created:
+    """What :func:`create_notifications` did: the notifications' ids, and whether
+    any ``notification.created`` went into the outbox (some notification was new)."""
+
+    ids: list[uuid.UUID]
+    announced: bool
+
+
 async def insert_notifications(conn: asyncpg.Connection,
                                notifications: Sequence[NewNotification]) -> list[uuid.UUID]:
     """Insert ``notifications``; returns their ids (an existing one for a repeat of an
@@ -49,11 +58,21 @@ async def insert_notifications(conn: asyncpg.Connection,
     by a ``notification.created`` event in the notifier's outbox and queued for
     delivery to each verified channel of its user that takes its kind; a repeat
     creates neither again. This is the one place notifications are made. All of
-    it is one statement (one round trip), which wakes the outbox relay and the
+    it is one statement (one round trip), which wakes the outbox relays and the
     delivery workers at commit if it gave them work.
     """
+    return (await create_notifications(conn, notifications)).ids
+
+
+async def create_notifications(conn: asyncpg.Connection,
+                               notifications: Sequence[NewNotification], *,
+                               notify_relay: bool = True) -> Created:
+    """:func:`insert_notifications`, saying whether it announced anything. With
+    ``notify_relay=False`` it sends the outbox relays no NOTIFY: the caller wakes
+    its own process's relay after the commit instead (the delivery workers are
+    still notified)."""
     if not notifications:
-        return []
+        return Created([], False)
     new_ids = [uuid.uuid4() for _ in notifications]
     # Each notification's announcement is made up front with the id it will get if
     # it is new; only the ones actually inserted go into the outbox.
@@ -98,7 +117,9 @@ async def insert_notifications(conn: asyncpg.Connection,
         "   WHERE t.event_id = w.event_id AND t.user_id = w.user_id LIMIT 1),"
         "  (SELECT old.id FROM notifier.notifications old"
         "   WHERE old.event_id = w.event_id AND old.user_id = w.user_id)) AS id,"
-        "  (SELECT pg_notify($13, '') FROM (SELECT FROM announced LIMIT 1) a) AS announced,"
+        "  (SELECT pg_notify($13, '') FROM (SELECT FROM announced LIMIT 1) a WHERE $15)"
+        "   AS notified,"
+        "  EXISTS (SELECT FROM announced) AS announced,"
         "  (SELECT pg_notify($14, '') FROM (SELECT FROM delivering LIMIT 1) d) AS delivering"
         " FROM wanted w LEFT JOIN created c ON c.id = w.id"
         " ORDER BY w.ord",
@@ -108,7 +129,7 @@ async def insert_notifications(conn: asyncpg.Connection,
         [n.created_at for n in notifications],
         [None if n.details is None else json.dumps(n.details) for n in notifications],
         [e.event_id for e in announcements], [e.model_dump_json() for e in announcements],
-        NOTIFICATION_CREATED, NOTIFIER_OUTBOX.channel, DELIVERIES_CHANNEL,
+        NOTIFICATION_CREATED, NOTIFIER_OUTBOX.channel, DELIVERIES_CHANNEL, notify_relay,
     )
     ids: list[uuid.UUID] = []
     for row, n in zip(rows, notifications, strict=True):
@@ -120,4 +141,4 @@ async def insert_notifications(conn: asyncpg.Connection,
                 "/* insert_notifications */ SELECT id FROM notifier.notifications"
                 " WHERE event_id = $1 AND user_id = $2", n.event_id, n.user_id)
         ids.append(found)
-    return ids
+    return Created(ids, bool(rows[0]["announced"]))

@@ -17,9 +17,14 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.notifier.app import CONSUMER_STATE, CONSUMER_TASK, create_app
+from services.notifier.app import CONSUMER_STATE, CONSUMER_TASK, RELAY, create_app
 from services.notifier.consumer import QUEUE, EventConsumer
-from services.notifier.store import CHECKIN_RECEIVED, NewNotification, NotifierStore
+from services.notifier.store import (
+    CHECKIN_RECEIVED,
+    NOTIFIER_OUTBOX,
+    NewNotification,
+    NotifierStore,
+)
 from shared.amqp import (
     EVENTS_EXCHANGE,
     ConsumerState,
@@ -159,6 +164,35 @@ async def test_checkin_notifies_the_therapist_once(
     assert set(row.keys()) == {"id", "user_id", "kind", "relationship_id", "message_id",
                                "actor_id", "event_id", "created_at", "read_at", "details"}
     assert row["details"] is None
+
+
+async def test_an_alert_wakes_its_own_relay_without_notify_or_polling(
+    notifier: Notifier, publisher: Publisher, db_pool: asyncpg.Pool, test_env: TestEnv,
+) -> None:
+    """The consumer's notification statement sends its relay no NOTIFY: the store
+    wakes this process's relay after the commit. With polling out of the
+    picture, the notification.created still goes out at once."""
+    relay = notifier.app[RELAY]
+    relay._poll_seconds = 300  # from its next wait on
+    await asyncio.sleep(1)      # the current (short) wait ends; the relay idles
+    heard: list[str] = []
+    listener = await asyncpg.connect(test_env.database_url, timeout=10)
+    try:
+        await listener.add_listener(NOTIFIER_OUTBOX.channel,
+                                    lambda _c, _p, channel, _m: heard.append(channel))
+        event, _ = message_event(CHECKIN_SUBMITTED)
+        await publish(publisher, event)
+        [row] = await eventually(lambda: notifications_of(db_pool, event.event_id))
+
+        async def announced() -> bool:
+            return bool(await db_pool.fetchval(
+                f"SELECT published_at IS NOT NULL FROM {NOTIFIER_OUTBOX.qualified}"
+                " WHERE payload->'data'->>'notification_id' = $1", str(row["id"])))
+
+        assert await eventually(announced, timeout=5)
+    finally:
+        await listener.close()
+    assert heard == []
 
 
 async def test_the_same_event_twice_has_one_effect(

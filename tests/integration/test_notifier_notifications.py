@@ -160,7 +160,7 @@ class CapturingConnection:
 
     async def fetch(self, sql: str, *args: Any) -> list[Any]:
         self.calls.append((sql, args))
-        return [{"id": uuid.uuid4()}]
+        return [{"id": uuid.uuid4(), "announced": True}]
 
 
 def sql_literal(value: Any) -> str:
