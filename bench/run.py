@@ -286,6 +286,10 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
                                      foreign=foreign, pids=service_pids)
         for profiler in profilers:
             profiler.wait(timeout=args.seconds + 30)
+        if saturation.ran_out:
+            print(f"bench: warning: the saturation phase used up its sealed check-ins after"
+                  f" {saturation.duration:.1f} s; its rate is over that time (raise --max-rps)",
+                  file=sys.stderr)
         sat_metrics = await settle(scratch.database_url, scratch.vhost, saturation, t_origin)
 
         rate = max(1.0, saturation.throughput / 2)
@@ -426,7 +430,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers-per-client", type=int, default=1,
                         help="closed-loop requests in flight per client")
-    parser.add_argument("--max-rps", type=float, default=400.0,
+    parser.add_argument("--max-rps", type=float, default=1000.0,
                         help="envelopes are sealed for at most this rate (warm-up: exactly)")
     parser.add_argument("--enroll-concurrency", type=int, default=2)
     parser.add_argument("--seal-workers", type=int, default=os.cpu_count() or 2)
