@@ -17,7 +17,13 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 
-from services.notifier.app import CONSUMER_STATE, CONSUMER_TASK, RELAY, create_app
+from services.notifier.app import (
+    CONSUMER_STATE,
+    CONSUMER_TASK,
+    RELAY,
+    SCHEDULER_TASK,
+    create_app,
+)
 from services.notifier.consumer import QUEUE, EventConsumer
 from services.notifier.store import (
     CHECKIN_RECEIVED,
@@ -172,6 +178,10 @@ async def test_an_alert_wakes_its_own_relay_without_notify_or_polling(
     """The consumer's notification statement sends its relay no NOTIFY: the store
     wakes this process's relay after the commit. With polling out of the
     picture, the notification.created still goes out at once."""
+    # The scheduler's digests and reminders still NOTIFY (of other tests' data,
+    # in this shared database): stopped, so that what is heard is this event's.
+    notifier.app[SCHEDULER_TASK].cancel()
+    await asyncio.wait([notifier.app[SCHEDULER_TASK]], timeout=5)
     relay = notifier.app[RELAY]
     relay._poll_seconds = 300  # from its next wait on
     await asyncio.sleep(1)      # the current (short) wait ends; the relay idles
@@ -284,16 +294,26 @@ async def test_the_queue_takes_messaging_events_and_not_its_own_announcements(
         await declare_consumer_queue(await connection.channel(), QUEUE, ["#"])
     finally:
         await connection.close()
-    assert "#" in bindings_of(test_env.vhost, QUEUE)
-    app = create_app(test_env.settings())
-    async with TestClient(TestServer(app)) as client:
-        await eventually(lambda: _ready(client))
-        assert bindings_of(test_env.vhost, QUEUE) == set(MESSAGING_EVENTS)
-        # So its own notification.created no longer comes back to it: with no
-        # gateway streaming, nothing takes one.
-        event, _ = message_event(CHECKIN_SUBMITTED)
-        with pytest.raises(Unroutable):
-            await publish(publisher, event.model_copy(update={"type": NOTIFICATION_CREATED}))
+    try:
+        assert "#" in bindings_of(test_env.vhost, QUEUE)
+        app = create_app(test_env.settings())
+        async with TestClient(TestServer(app)) as client:
+            await eventually(lambda: _ready(client))
+            assert bindings_of(test_env.vhost, QUEUE) == set(MESSAGING_EVENTS)
+            # So its own notification.created no longer comes back to it: with no
+            # gateway streaming, nothing takes one.
+            event, _ = message_event(CHECKIN_SUBMITTED)
+            with pytest.raises(Unroutable):
+                await publish(publisher,
+                              event.model_copy(update={"type": NOTIFICATION_CREATED}))
+    finally:
+        # Whatever happened, later tests must not find the vhost's queue bound to #.
+        connection = await aio_pika.connect(test_env.amqp_url, timeout=10)
+        try:
+            queue = await (await connection.channel()).get_queue(QUEUE)
+            await queue.unbind(EVENTS_EXCHANGE, routing_key="#")
+        finally:
+            await connection.close()
 
 
 async def test_store_refuses_a_second_notification_for_the_same_event(

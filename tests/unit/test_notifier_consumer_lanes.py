@@ -9,9 +9,13 @@ from datetime import UTC, datetime
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
+import services.notifier.consumer as consumer_module
 import shared.events
-from services.notifier.consumer import BINDINGS, decoded, lane_key
+from services.notifier.consumer import BINDINGS, EventConsumer, lane_key
 from services.notifier.notifications_store import NOTIFIER_OUTBOX
+from shared.amqp import ConsumerState
 from shared.events import (
     AGREEMENT_UPDATED,
     AVAILABILITY_UPDATED,
@@ -25,6 +29,7 @@ from shared.events import (
     Event,
     MessageEventData,
     RelationshipEventData,
+    decode_event,
     new_event,
 )
 
@@ -102,12 +107,32 @@ def test_every_event_type_is_routed_somewhere_on_purpose() -> None:
     assert NOTIFIER_OUTBOX.hints == {NOTIFICATION_CREATED}
 
 
-def test_the_lane_key_and_the_handler_share_one_decoding() -> None:
+class RecordingStore:
+    """Stands in for NotifierStore: records which events would be applied."""
+
+    def __init__(self) -> None:
+        self.events: list[uuid.UUID] = []
+
+    async def handle_event(self, event_id: uuid.UUID, event_type: str, work: Any, *,
+                           lock_user: uuid.UUID | None = None) -> bool:
+        self.events.append(event_id)
+        return True
+
+
+async def test_the_lane_key_and_the_handler_share_one_decoding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+
+    def counting(body: bytes) -> Event:
+        calls.append(body)
+        return decode_event(body)
+
+    monkeypatch.setattr(consumer_module, "decode_event", counting)
+    store = RecordingStore()
+    consumer = EventConsumer(store, ConsumerState())  # type: ignore[arg-type]
     event = message_event(CHECKIN_SUBMITTED)
     message = as_message(event)
-    before = decoded.cache_info()
-    lane_key(message)
-    assert decoded(message.body) is decoded(bytes(message.body))  # what the handler gets
-    after = decoded.cache_info()
-    assert (after.misses - before.misses, after.hits - before.hits) == (1, 2)
-    assert decoded(message.body) == event
+    assert lane_key(message) == ("therapist", THERAPIST)
+    await consumer.handle(message)
+    assert store.events == [event.event_id]
+    assert len(calls) == 1
