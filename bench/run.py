@@ -6,7 +6,10 @@ One run, on this machine, all on 127.0.0.1:
    production runs them (``INTERLUDE_ENV=production``, ``python -m services.<name>``);
 2. therapists and clients enrolled through the HTTP API, device keys published,
    check-ins pre-sealed with the real client crypto;
-3. Interlude at saturation (closed loop), then at half that rate (open loop);
+3. Interlude at saturation (closed loop), then at half that rate (open loop),
+   then a ladder of short open-loop steps at 80-110 % of the rate saturation
+   sustained until its last alert, up to the first whose p99s miss the
+   half-load targets (the highest that holds is ``sustained_rps``);
    submit-to-alert latency and outbox lag read from the database afterwards;
 4. the baseline server (``bench/baseline_server.py``) under the same two loads;
 5. ``bench/results/latest.json`` and ``latest.png``; everything made is removed,
@@ -204,6 +207,44 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), **versions}
 
 
+# The sustained-rate ladder: open-loop steps at these fractions of the saturation
+# phase's alerted rate (counted until its last alert: what the whole pipeline did
+# flat out). A step holds if its submit p99 and submit-to-alert p99 stay within
+# the half-load targets; the ladder stops at the first step that does not.
+LADDER_FRACTIONS = (0.8, 0.9, 1.0, 1.1)
+LADDER_SECONDS = 8.0
+
+
+def holds(submit_p99_ms: float | None, alert_p99_ms: float | None) -> bool:
+    return ((submit_p99_ms or math.inf) < TARGETS["submit_p99_ms"]
+            and (alert_p99_ms or math.inf) < TARGETS["alert_p99_ms"])
+
+
+async def climb(args: argparse.Namespace, base: str, pairs: list[Any], scratch: Scratch,
+                alerted_rps: float, t_origin: float, foreign: Any, pids: list[int],
+                ) -> tuple[list[dict[str, Any]], list[tuple[PhaseResult, list[Any]]]]:
+    """Run the ladder; each step's summary, and its phase and alert series for the chart."""
+    steps: list[dict[str, Any]] = []
+    ran: list[tuple[PhaseResult, list[Any]]] = []
+    for fraction in LADDER_FRACTIONS:
+        rate = max(1.0, alerted_rps * fraction)
+        per_client = math.ceil(rate * args.ladder_seconds / len(pairs)) + 2
+        bodies = seal(pairs, per_client, args.seal_workers, f"seal (sustain {fraction:.0%})")
+        result = await run_phase("open", f"interlude sustain {fraction:.0%}", base, bodies,
+                                 args.ladder_seconds, rate=rate, foreign=foreign, pids=pids)
+        metrics = await settle(scratch.database_url, scratch.vhost, result, t_origin)
+        summary = phase_summary(result)
+        held = holds(summary["p99_ms"], metrics["alert_p99_ms"])
+        steps.append({"fraction": fraction, "offered_rps": round(rate, 1),
+                      "accepted_rps": summary["throughput_rps"],
+                      "submit_p99_ms": summary["p99_ms"],
+                      "alert_p99_ms": metrics["alert_p99_ms"], "held": held})
+        ran.append((result, metrics["_alert_series"]))
+        if not held:
+            break
+    return steps, ran
+
+
 def verdicts(results: dict[str, Any]) -> dict[str, Any]:
     rss = results["rss_mb"]
     out = {
@@ -302,6 +343,12 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
         for profiler in profilers:
             profiler.wait(timeout=args.seconds + 30)
         fixed_metrics = await settle(scratch.database_url, scratch.vhost, fixed, t_origin)
+        ladder: list[dict[str, Any]] = []
+        ladder_ran: list[tuple[PhaseResult, list[Any]]] = []
+        if args.ladder_seconds > 0 and sat_metrics["alerted_throughput_rps"]:
+            ladder, ladder_ran = await climb(
+                args, base, pairs, scratch, sat_metrics["alerted_throughput_rps"], t_origin,
+                foreign, service_pids)
     finally:
         sampler.stop()
         for profiler in profilers:
@@ -330,9 +377,11 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
     stack.stop([baseline_proc])
 
     phases = [(saturation, 0.0), (fixed, fixed.started_wall - t_origin),
+              *[(step, step.started_wall - t_origin) for step, _ in ladder_ran],
               (b_saturation, b_saturation.started_wall - t_origin),
               (b_fixed, b_fixed.started_wall - t_origin)]
     sat_summary, fixed_summary = phase_summary(saturation), phase_summary(fixed)
+    sustained = max((step["accepted_rps"] for step in ladder if step["held"]), default=None)
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "commit": git_version(),
@@ -351,6 +400,12 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
         "alert_p99_ms": fixed_metrics["alert_p99_ms"],
         "outbox_lag_p50_ms": fixed_metrics["outbox_lag_p50_ms"],
         "outbox_lag_p99_ms": fixed_metrics["outbox_lag_p99_ms"],
+        # The highest ladder step that held (None: not even the first), and it
+        # over the baseline's saturation rate.
+        "sustained_rps": sustained,
+        "sustained_ratio": round(sustained / b_saturation.throughput, 3)
+        if sustained is not None and b_saturation.throughput else None,
+        "ladder": ladder,
         "rss_mb": load_hwm,
         "rss_setup_mb": setup_hwm,
         "rss_window_reset": hwm_reset,
@@ -371,7 +426,8 @@ async def bench(args: argparse.Namespace, scratch: Scratch, procs: list[stack.Pr
     name = "latest"
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - the load has finished
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
-    alerts = [sat_metrics["_alert_series"], fixed_metrics["_alert_series"]]
+    alerts = [sat_metrics["_alert_series"], fixed_metrics["_alert_series"],
+              *[series for _, series in ladder_ran]]
     chart(out / f"{name}.png", phases, alerts,
           f"Interlude vs baseline, {results['machine']['cores']} cores, "
           f"{results['date']} — throughput ratio {results['throughput_ratio']}")
@@ -414,6 +470,15 @@ def print_summary(results: dict[str, Any], out: Path) -> None:
         "CPU/request  " + ", ".join(f"{k} {v} ms" for k, v in cpu.get(
             "interlude saturation", {}).items())
         + f"; baseline {cpu.get('baseline saturation', {}).get('baseline')} ms (saturation)",
+        "sustained    " + (
+            f"{results['sustained_rps']}/s with submit p99 < {TARGETS['submit_p99_ms']:.0f} ms"
+            f" and alert p99 < {TARGETS['alert_p99_ms']:.0f} ms"
+            f" (ratio {results['sustained_ratio']}); " if results["sustained_rps"] is not None
+            else "no ladder step held; " if results["ladder"] else "ladder not run")
+        + "; ".join(f"{step['fraction']:.0%} of alerted: {step['accepted_rps']}/s,"
+                    f" {step['submit_p99_ms']}/{step['alert_p99_ms']} ms"
+                    f" {'held' if step['held'] else 'did not hold'}"
+                    for step in results["ladder"]),
         "targets      " + ", ".join(f"{k} {'met' if v['met'] else 'MISSED'}"
                                     for k, v in results["targets"].items()),
         f"wrote {out / 'latest.json'} and latest.png in {results['elapsed_s']} s",
@@ -430,6 +495,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--workers-per-client", type=int, default=1,
                         help="closed-loop requests in flight per client")
+    parser.add_argument("--ladder-seconds", type=float, default=LADDER_SECONDS,
+                        help="length of each sustained-rate step (0: no ladder)")
     parser.add_argument("--max-rps", type=float, default=1000.0,
                         help="envelopes are sealed for at most this rate (warm-up: exactly)")
     parser.add_argument("--enroll-concurrency", type=int, default=2)
