@@ -16,7 +16,8 @@ bench-install: $(PY)
 	@$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[bench]'
 
 # Submit throughput and latency (saturation and half of it), submit-to-alert
-# latency, outbox lag and peak RSS, against bench/baseline_server.py.
+# latency, outbox lag, the highest rate sustained with every alert on time, and
+# peak RSS, against bench/baseline_server.py.
 # Writes bench/results/latest.json and latest.png.
 bench: bench-install
 	$(PY) -m bench.run $(BENCH_ARGS)
