@@ -83,9 +83,11 @@ async def handle(tx: EventTransaction, event: Event, now: datetime) -> str:
                                                           data.relationship_id)
     outcome = plan(event, data, schedule, agreement, now)
     if outcome.notification is not None:
-        await tx.notify([outcome.notification])
-    if outcome.held is not None:
-        await tx.hold([outcome.held])
-    if outcome.reminder is not None:
-        await tx.add_reminder(outcome.reminder)
+        # The reminder travels in the notification's statement.
+        await tx.notify([outcome.notification], reminder=outcome.reminder)
+    else:
+        if outcome.held is not None:
+            await tx.hold([outcome.held])
+        if outcome.reminder is not None:
+            await tx.add_reminder(outcome.reminder)
     return "alerted" if outcome.notification is not None else "held"

@@ -41,6 +41,19 @@ class NewNotification:
 
 
 @dataclass(frozen=True, slots=True)
+class NewReminder:
+    """A reminder to the therapist for a check-in with a reply-by time."""
+
+    message_id: uuid.UUID
+    therapist_id: uuid.UUID
+    relationship_id: uuid.UUID
+    client_id: uuid.UUID
+    received_at: datetime
+    reply_by: datetime
+    remind_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
 class Created:
     """What :func:`create_notifications` did: the notifications' ids, and whether
     any ``notification.created`` went into the outbox (some notification was new)."""
@@ -66,12 +79,17 @@ async def insert_notifications(conn: asyncpg.Connection,
 
 async def create_notifications(conn: asyncpg.Connection,
                                notifications: Sequence[NewNotification], *,
-                               notify_relay: bool = True) -> Created:
+                               notify_relay: bool = True,
+                               reminders: Sequence[NewReminder] = ()) -> Created:
     """:func:`insert_notifications`, saying whether it announced anything. With
     ``notify_relay=False`` it sends the outbox relays no NOTIFY: the caller wakes
     its own process's relay after the commit instead (the delivery workers are
-    still notified)."""
+    still notified). ``reminders`` are added by the same statement (a reminder
+    already there for its message is kept), so an alerted check-in with a
+    reply-by time costs one round trip, not two; they need ``notifications``."""
     if not notifications:
+        if reminders:
+            raise ValueError("reminders travel with notifications; add them on their own")
         return Created([], False)
     new_ids = [uuid.uuid4() for _ in notifications]
     # Each notification's announcement is made up front with the id it will get if
@@ -104,7 +122,13 @@ async def create_notifications(conn: asyncpg.Connection,
         " SELECT gen_random_uuid(), n.id, ch.id, ch.user_id, now() FROM created n"
         " JOIN notifier.channels ch ON ch.user_id = n.user_id AND n.kind = ANY (ch.kinds)"
         "  AND ch.deleted_at IS NULL AND ch.verified_at IS NOT NULL"
-        " ON CONFLICT (notification_id, channel_id) DO NOTHING RETURNING 1)"
+        " ON CONFLICT (notification_id, channel_id) DO NOTHING RETURNING 1),"
+        " reminded AS ("
+        " INSERT INTO notifier.reminders (message_id, therapist_id, relationship_id,"
+        "  client_id, received_at, reply_by, remind_at)"
+        " SELECT * FROM unnest($16::uuid[], $17::uuid[], $18::uuid[], $19::uuid[],"
+        "  $20::timestamptz[], $21::timestamptz[], $22::timestamptz[])"
+        " ON CONFLICT (message_id) DO NOTHING RETURNING 1)"
         # A data-modifying WITH runs whether or not it is read; NOTIFY is delivered at
         # commit, once per channel and transaction.
         # The id: the row created, else (COALESCE evaluates a subquery only when
@@ -130,6 +154,10 @@ async def create_notifications(conn: asyncpg.Connection,
         [None if n.details is None else json.dumps(n.details) for n in notifications],
         [e.event_id for e in announcements], [e.model_dump_json() for e in announcements],
         NOTIFICATION_CREATED, NOTIFIER_OUTBOX.channel, DELIVERIES_CHANNEL, notify_relay,
+        [r.message_id for r in reminders], [r.therapist_id for r in reminders],
+        [r.relationship_id for r in reminders], [r.client_id for r in reminders],
+        [r.received_at for r in reminders], [r.reply_by for r in reminders],
+        [r.remind_at for r in reminders],
     )
     ids: list[uuid.UUID] = []
     for row, n in zip(rows, notifications, strict=True):

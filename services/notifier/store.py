@@ -20,6 +20,7 @@ import asyncpg
 # Made in their own module, and re-exported here where the rest of the notifier looks.
 from services.notifier.notifications_store import NOTIFIER_OUTBOX as NOTIFIER_OUTBOX
 from services.notifier.notifications_store import NewNotification as NewNotification
+from services.notifier.notifications_store import NewReminder as NewReminder
 from services.notifier.notifications_store import create_notifications
 from services.notifier.notifications_store import insert_notifications as insert_notifications
 from shared.boundaries import Agreement
@@ -118,17 +119,6 @@ class HeldAlert:
     @classmethod
     def from_record(cls, record: Any) -> HeldAlert:
         return cls(**dict(record.items()))
-
-
-@dataclass(frozen=True, slots=True)
-class NewReminder:
-    message_id: uuid.UUID
-    therapist_id: uuid.UUID
-    relationship_id: uuid.UUID
-    client_id: uuid.UUID
-    received_at: datetime
-    reply_by: datetime
-    remind_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,9 +233,16 @@ class EventTransaction:
 
     # --- alerts -----------------------------------------------------------------------
 
-    async def notify(self, notifications: Sequence[NewNotification]) -> None:
-        created = await create_notifications(self._conn, notifications,
-                                             notify_relay=self._notify_relay)
+    async def notify(self, notifications: Sequence[NewNotification], *,
+                     reminder: NewReminder | None = None) -> None:
+        """Create ``notifications`` and, in the same statement, ``reminder``."""
+        if not notifications:
+            if reminder is not None:
+                await self.add_reminder(reminder)
+            return
+        created = await create_notifications(
+            self._conn, notifications, notify_relay=self._notify_relay,
+            reminders=() if reminder is None else (reminder,))
         self.announced = self.announced or created.announced
 
     async def hold(self, alerts: Sequence[NewHeldAlert]) -> None:

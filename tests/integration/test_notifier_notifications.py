@@ -4,21 +4,24 @@ notification.created announcements, their deliveries and the wake-ups, each once
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
 from services.notifier.deliveries_store import DELIVERIES_CHANNEL
+from services.notifier.notifications_store import create_notifications
 from services.notifier.store import (
     CHECKIN_RECEIVED,
     DIGEST,
     NOTIFIER_OUTBOX,
     NewNotification,
+    NewReminder,
     insert_notifications,
 )
 from shared.db import create_pool, migrate_all
@@ -217,3 +220,37 @@ async def test_a_repeat_is_looked_up_by_key_never_by_scanning_every_notification
     scans = scanned_tables(plan[0]["Plan"])
     assert ("Index Scan", "notifications") in scans
     assert ("Seq Scan", "notifications") not in scans
+
+
+async def test_a_reminder_travels_in_the_notification_statement(pool: asyncpg.Pool) -> None:
+    user, event_id = uuid.uuid4(), uuid.uuid4()
+    alert = checkin_alert(user, event_id)
+    assert alert.message_id is not None
+    assert alert.relationship_id is not None
+    assert alert.actor_id is not None
+    now = datetime.now(UTC)
+    reminder = NewReminder(
+        message_id=alert.message_id, therapist_id=user, relationship_id=alert.relationship_id,
+        client_id=alert.actor_id, received_at=now, reply_by=now + timedelta(days=1),
+        remind_at=now + timedelta(hours=20))
+    await pool.execute("INSERT INTO notifier.inbox (event_id, event_type)"
+                       " VALUES ($1, 'checkin.submitted')", event_id)
+    async with pool.acquire() as raw, raw.transaction():
+        conn = CountingConnection(raw)
+        created = await create_notifications(  # type: ignore[arg-type]
+            conn, [alert], reminders=[reminder])
+        assert conn.statements == 1
+        assert created.announced
+    # A repeat keeps the reminder made first (and announces nothing new).
+    later = dataclasses.replace(reminder, remind_at=now + timedelta(hours=1))
+    async with pool.acquire() as conn, conn.transaction():
+        again = await create_notifications(conn, [alert], reminders=[later])
+    assert again.ids == created.ids
+    assert not again.announced
+    stored = await pool.fetch("SELECT therapist_id, client_id, reply_by, remind_at"
+                              " FROM notifier.reminders WHERE message_id = $1", alert.message_id)
+    assert [tuple(r) for r in stored] == [
+        (user, alert.actor_id, reminder.reply_by, reminder.remind_at)]
+    with pytest.raises(ValueError, match="travel with notifications"):
+        async with pool.acquire() as conn:
+            await create_notifications(conn, [], reminders=[reminder])
