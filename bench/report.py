@@ -157,8 +157,10 @@ def chart(path: Path, phases: list[tuple[PhaseResult, float]],
         rps_ax.plot(xs, counts, color=colour, lw=1.4, label=result.target if first else None)
         for ax in (lat_ax, rps_ax, alert_ax):
             ax.axvspan(offset, offset + result.duration, color=colour, alpha=0.06)
-        rps_ax.text(offset + 0.3, 0.98, result.name, transform=rps_ax.get_xaxis_transform(),
-                    va="top", fontsize=8)
+        # A short phase (a ladder step) gets a short label, so labels do not overlap.
+        label = result.name if result.duration >= 10 else result.name.split(" ", 1)[-1]
+        rps_ax.text(offset + 0.3, 0.98, label, transform=rps_ax.get_xaxis_transform(),
+                    va="top", fontsize=8 if result.duration >= 10 else 7)
     for n, series in enumerate(a for a in alerts if a):  # one line per phase, no bridges
         xs, p50, p99, _ = _buckets([(at, v * 1000) for at, v in series])
         alert_ax.plot(xs, p50, color="tab:green", lw=1.2, label="p50" if n == 0 else None)
