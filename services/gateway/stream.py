@@ -28,7 +28,7 @@ from aiohttp import WSMessage, WSMsgType, web
 
 from services.gateway.store import Caller, InvalidToken
 from services.gateway.typedefs import NOTIFIER, SETTINGS, STORE, STREAM_HUB
-from shared.amqp import ConsumerState, consume_transient_forever
+from shared.amqp_consume import ConsumerState, consume_transient_forever
 from shared.events import (
     CHECKIN_SUBMITTED,
     NOTIFICATION_CREATED,

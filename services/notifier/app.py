@@ -38,7 +38,8 @@ from services.notifier.secret_box import SecretBox
 from services.notifier.senders import EMAIL, WEBHOOK, Sender
 from services.notifier.store import NOTIFIER_OUTBOX, NotifierStore
 from services.notifier.webhooks import PublicOnlyResolver, WebhookSender
-from shared.amqp import ConsumerState, Publisher
+from shared.amqp import Publisher
+from shared.amqp_consume import ConsumerState
 from shared.db import check_database, create_pool
 from shared.outbox import OutboxRelay
 from shared.settings import Settings

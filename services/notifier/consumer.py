@@ -2,7 +2,7 @@
 
 Each message is handled in one database transaction that records its event id in
 the inbox and applies its effects (notifications, held alerts, reminders, the
-read model); the message is acked (by :func:`shared.amqp.consume_forever`) only
+read model); the message is acked (by :func:`shared.amqp_consume.consume_forever`) only
 after that commit, so a redelivery is recognised in the inbox and has no second
 effect. "Now" comes from the injected clock, never from the rules.
 
@@ -30,7 +30,7 @@ from services.notifier import (
     reply_sent,
 )
 from services.notifier.store import EventTransaction, NotifierStore, StoreUnavailable
-from shared.amqp import ConsumerState, PoisonMessage, consume_forever
+from shared.amqp_consume import ConsumerState, PoisonMessage, consume_forever
 from shared.events import (
     AGREEMENT_UPDATED,
     AVAILABILITY_UPDATED,

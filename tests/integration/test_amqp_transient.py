@@ -14,7 +14,8 @@ import aio_pika
 import aio_pika.abc
 import pytest
 
-from shared.amqp import ConsumerState, Publisher, consume_transient_forever
+from shared.amqp import Publisher
+from shared.amqp_consume import ConsumerState, consume_transient_forever
 from tests.conftest import TestEnv
 from tests.support.stack import eventually
 

@@ -31,13 +31,8 @@ from services.notifier.store import (
     NewNotification,
     NotifierStore,
 )
-from shared.amqp import (
-    EVENTS_EXCHANGE,
-    ConsumerState,
-    Publisher,
-    Unroutable,
-    declare_consumer_queue,
-)
+from shared.amqp import EVENTS_EXCHANGE, Publisher, Unroutable, declare_consumer_queue
+from shared.amqp_consume import ConsumerState
 from shared.events import (
     CHECKIN_SUBMITTED,
     MESSAGING_EVENTS,

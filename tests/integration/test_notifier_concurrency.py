@@ -17,7 +17,8 @@ import pytest
 
 from services.notifier.consumer import EventConsumer
 from services.notifier.store import EventWork, NotifierStore
-from shared.amqp import ConsumerState, Publisher
+from shared.amqp import Publisher
+from shared.amqp_consume import ConsumerState
 from shared.db import create_pool
 from shared.events import CHECKIN_SUBMITTED, Event, MessageEventData, new_event
 from tests.support.stack import eventually

@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from shared.amqp import ConsumerState, _handle_one
 from shared.amqp_acks import AckWindow
+from shared.amqp_consume import ConsumerState, _handle_one
 
 pytestmark = pytest.mark.timeout(10)
 

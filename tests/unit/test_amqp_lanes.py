@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from shared import amqp
-from shared.amqp import ConsumerState, PoisonMessage, _pump_until_closed
+from shared import amqp_consume as amqp
+from shared.amqp_consume import ConsumerState, PoisonMessage, _pump_until_closed
 
 pytestmark = pytest.mark.timeout(10)
 

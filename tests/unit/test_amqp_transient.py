@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 import structlog
 
-from shared.amqp import ConsumerState, PoisonMessage, _pump_until_closed
 from shared.amqp_acks import Batching
+from shared.amqp_consume import ConsumerState, PoisonMessage, _pump_until_closed
 from tests.unit.test_amqp_lanes import FakeConnection, FakeIterator, until
 
 pytestmark = pytest.mark.timeout(10)

@@ -15,7 +15,7 @@ import services.notifier.consumer as consumer_module
 import shared.events
 from services.notifier.consumer import BINDINGS, EventConsumer, lane_key
 from services.notifier.notifications_store import NOTIFIER_OUTBOX
-from shared.amqp import ConsumerState
+from shared.amqp_consume import ConsumerState
 from shared.events import (
     AGREEMENT_UPDATED,
     AVAILABILITY_UPDATED,
