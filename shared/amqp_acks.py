@@ -171,8 +171,11 @@ class AckWindow:
             await self._wake.wait()
             self._wake.clear()
             if self._due < self._limit:
+                # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation
+                # that arrives as the event is set, and a stop never ends.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._full.wait(), self._delay)
+                    async with asyncio.timeout(self._delay):
+                        await self._full.wait()
             self._full.clear()
             sent = await self.flush()
             if self._due:

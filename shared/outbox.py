@@ -273,8 +273,12 @@ class OutboxRelay:
                     while await self.drain_once() == BATCH_SIZE:
                         pass
                     backoff = 0.2
+                    # Not asyncio.wait_for: on Python 3.11 it swallows a
+                    # cancellation that arrives as the event is set (it returns
+                    # the result instead), and a stop then never ends.
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), self._poll_seconds)
+                        async with asyncio.timeout(self._poll_seconds):
+                            await self._wake.wait()
                 except asyncio.CancelledError:
                     raise
                 except (PublishFailed, OSError, asyncpg.PostgresError,

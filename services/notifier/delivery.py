@@ -177,8 +177,11 @@ class DeliveryWorker:
             due_in = await self._store.seconds_to_next_due(busy_hosts=self._busy_hosts())
             if due_in is not None:
                 timeout = min(timeout, max(due_in, 0.0))
+        # Not asyncio.wait_for, which on Python 3.11 swallows a cancellation that
+        # arrives as the event is set: a stop would then never end.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     def _start(self, delivery: Claimed, host: str) -> None:
         self._per_host[host] += 1

@@ -323,3 +323,23 @@ async def test_a_failed_publish_leaves_the_row_due_at_once(
     assert row["last_error"]
     assert relay.state.failures == 1
     assert not relay.state.broker_ok
+
+
+async def test_a_stop_that_comes_with_a_wake_up_still_stops_the_relay(
+        test_env: TestEnv, pool: asyncpg.Pool, outbox: Outbox, publisher: Publisher) -> None:
+    """A wake-up and the stop in the same moment (a commit at shutdown): the relay
+    must end. Its idle wait was asyncio.wait_for, which on Python 3.11 returns the
+    woken event instead of raising the cancellation, so the relay went on
+    relaying and the service's stop hung (seen in the suite as a test timeout)."""
+    for _ in range(3):
+        relay = OutboxRelay(pool, publisher, test_env.database_url, 300, outbox)
+        task = asyncio.create_task(relay.run())
+        async with asyncio.timeout(10):
+            while not relay.state.listening:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # past its first drain, idle in its wait
+        relay.wake()
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=5)
+        assert done == {task}, "the relay ignored its stop"
+        assert task.cancelled()

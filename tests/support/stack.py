@@ -124,7 +124,8 @@ async def running_stack(test_env: TestEnv, *, require_ready: bool = True
     gateway = TestServer(gateway_app(gateway_settings))
     await gateway.start_server()
     try:
-        async with aiohttp.ClientSession() as http:
+        # A request that hangs fails where it hangs, well before the test's timeout.
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
             stack = Stack(str(gateway.make_url("")).rstrip("/"), http,
                           {"gateway": gateway.app, "messaging": messaging.app,
                            "notifier": notifier.app})
