@@ -56,7 +56,6 @@ SEND_QUEUE_SIZE = 256
 CLOSE_TIMEOUT_SECONDS = 2.0
 MAX_CLIENT_MESSAGE_BYTES = 16 * 1024
 RESUME_CAP = 500
-RESUME_PAGE = 100
 SENT_IDS_REMEMBERED = 2000
 # A message that becomes visible this soon is pushed at that moment, not dropped
 # (it also absorbs small clock differences between the hosts).
@@ -226,27 +225,24 @@ class Connection:
 
 async def fetch_missed(app: web.Application, identity: Identity, after: uuid.UUID
                        ) -> tuple[list[dict[str, Any]], bool]:
-    """The caller's notifications newer than ``after``, oldest first, and whether
-    ``after`` was found among the newest :data:`RESUME_CAP` (if not: none)."""
-    newer: list[dict[str, Any]] = []
-    cursor: str | None = None
-    target = str(after)
-    while len(newer) < RESUME_CAP:
-        path = f"/v1/notifications?limit={RESUME_PAGE}"
-        if cursor:
-            path += f"&cursor={cursor}"
-        result = await app[NOTIFIER].call("GET", path, identity)
-        if result.status != 200:
-            raise ApiError(502, "upstream_error", "the notification feed answered "
-                           f"{result.status}")
-        for item in result.data["items"]:
-            if item["id"] == target:
-                return list(reversed(newer)), True
-            newer.append(item)
-        cursor = result.data.get("next_cursor")
-        if not cursor:
-            break
-    return [], False
+    """The caller's notifications stored after ``after``, oldest first, and whether
+    that is all of them: False (and none) when ``after`` is not one of the
+    caller's, or more than :data:`RESUME_CAP` were stored since.
+
+    Stored order, not the feed's: a notification stored late with an earlier
+    time (its event arrived late) sits below ``after`` in the feed and would be
+    skipped by reading the feed down to ``after``.
+    """
+    result = await app[NOTIFIER].call(
+        "GET", f"/v1/notifications/{after}/stored-after?limit={RESUME_CAP}", identity)
+    if result.status == 404:
+        return [], False
+    if result.status != 200:
+        raise ApiError(502, "upstream_error", "the notification store answered "
+                       f"{result.status}")
+    if result.data["more"]:
+        return [], False
+    return list(result.data["items"]), True
 
 
 def notification_frame(n: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,30 @@ async def list_notifications(request: web.Request) -> web.Response:
                               "next_cursor": next_cursor})
 
 
+# At most this many notifications stored after one (a stream's resume): beyond it
+# the reader reloads the feed.
+MAX_STORED_AFTER = 500
+
+
+async def stored_after(request: web.Request) -> web.Response:
+    """``GET /v1/notifications/{id}/stored-after?limit=``: the caller's notifications
+    stored after that one, oldest first (an internal call: the gateway's stream
+    resumes with it; it is not routed to clients)."""
+    caller = identity_of(request)
+    notification_id = parse_uuid(request.match_info["notification_id"], "notification")
+    limit = query_int(request, "limit", MAX_STORED_AFTER, low=1, high=MAX_STORED_AFTER)
+    try:
+        # One more than asked: whether there are more than ``limit``.
+        found = await request.app[STORE].stored_after(caller.user_id, notification_id,
+                                                      limit=limit + 1)
+    except StoreUnavailable:
+        raise _unavailable() from None
+    if found is None:
+        raise ApiError(404, "not_found", "no such notification")
+    return web.json_response({"items": [notification_json(n) for n in found[:limit]],
+                              "more": len(found) > limit})
+
+
 async def mark_read(request: web.Request) -> web.Response:
     """``POST /v1/notifications/{id}/read``: mark one of the caller's notifications read."""
     caller = identity_of(request)
@@ -136,3 +160,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/notifications", list_notifications)
     app.router.add_post("/v1/notifications/read-all", mark_all_read)
     app.router.add_post("/v1/notifications/{notification_id}/read", mark_read)
+    app.router.add_get("/v1/notifications/{notification_id}/stored-after", stored_after)

@@ -45,6 +45,7 @@ _PLAIN_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 
 _COLUMNS = ("id, user_id, kind, relationship_id, message_id, actor_id, event_id, created_at,"
             " read_at, details")
+_N_COLUMNS = ", ".join("n." + column.strip() for column in _COLUMNS.split(","))
 _HELD_COLUMNS = ("id, recipient_id, kind, relationship_id, message_id, actor_id, event_id,"
                  " urgent, beyond, created_at, released_at, release_at")
 
@@ -404,6 +405,30 @@ class NotifierStore:
             await tx.notify(notifications)
 
         return await self.handle_event(event_id, event_type, work)
+
+    async def stored_after(self, user_id: uuid.UUID, notification_id: uuid.UUID, *,
+                           limit: int) -> list[Notification] | None:
+        """``user_id``'s notifications stored after ``notification_id``, in the order
+        they were stored, at most ``limit``; None if that notification is not
+        theirs (or does not exist).
+
+        Not the feed's order: a notification can be stored after one with a later
+        ``created_at`` (its event arrived late), and the feed would put it below
+        the one a reader saw last. This is what a stream's resume reads.
+        """
+        async with reachable(), self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"/* stored_after */ SELECT m.found, {_N_COLUMNS}"
+                " FROM (SELECT true AS found, seq FROM notifier.notifications"
+                "  WHERE id = $2 AND user_id = $1) m"
+                " LEFT JOIN LATERAL (SELECT * FROM notifier.notifications"
+                "  WHERE user_id = $1 AND seq > m.seq ORDER BY seq LIMIT $3) n ON true"
+                " ORDER BY n.seq",
+                user_id, notification_id, limit)
+        if not rows:
+            return None
+        return [Notification.from_record({k: v for k, v in row.items() if k != "found"})
+                for row in rows if row["id"] is not None]
 
     async def feed(self, user_id: uuid.UUID, *, limit: int, after: FeedPosition | None = None,
                    unread_only: bool = False) -> FeedPage:

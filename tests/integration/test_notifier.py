@@ -163,7 +163,8 @@ async def test_checkin_notifies_the_therapist_once(
     assert row["read_at"] is None
     # Ids and times only: the row has no room for content.
     assert set(row.keys()) == {"id", "user_id", "kind", "relationship_id", "message_id",
-                               "actor_id", "event_id", "created_at", "read_at", "details"}
+                               "actor_id", "event_id", "created_at", "read_at", "details",
+                               "seq"}
     assert row["details"] is None
 
 
@@ -511,6 +512,35 @@ async def test_someone_elses_or_unknown_notification_is_not_found(
     [still] = (await json_of(await call(notifier.client, "GET", "/v1/notifications", owner),
                              200))["items"]
     assert still["read_at"] is None
+
+
+async def test_stored_after_follows_the_order_of_storing_and_only_the_callers(
+    notifier: Notifier, db_pool: asyncpg.Pool,
+) -> None:
+    owner, other = uuid.uuid4(), uuid.uuid4()
+    # Each one stored after the last has an earlier time: the feed lists them in
+    # the reverse of the order they were stored in.
+    await seed(db_pool, owner, 3)
+    feed = (await json_of(await call(notifier.client, "GET", "/v1/notifications", owner),
+                          200))["items"]
+    first, second, third = (item["id"] for item in feed)
+
+    async def after(notification_id: str, who: uuid.UUID, query: str = "",
+                    status: int = 200) -> Any:
+        return await json_of(await call(
+            notifier.client, "GET", f"/v1/notifications/{notification_id}/stored-after{query}",
+            who), status)
+
+    assert await after(first, owner) == {"items": feed[1:], "more": False}
+    assert await after(first, owner, "?limit=1") == {"items": feed[1:2], "more": True}
+    assert await after(third, owner) == {"items": [], "more": False}
+    assert [n["id"] for n in (await after(second, owner))["items"]] == [third]
+    for notification_id, who in ((first, other), (str(uuid.uuid4()), owner),
+                                 ("not-a-uuid", owner)):
+        body = await after(notification_id, who, status=404)
+        assert body["error"]["code"] == "not_found"
+    body = await after(first, owner, "?limit=0", status=422)
+    assert body["error"]["code"] == "invalid"
 
 
 # --- health ------------------------------------------------------------------------------

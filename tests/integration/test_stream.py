@@ -19,6 +19,8 @@ from services.gateway import stream as stream_module
 from services.gateway.app import create_app as gateway_app
 from services.gateway.stream import StreamHub, _Push
 from services.gateway.typedefs import SETTINGS, STREAM_HUB
+from services.notifier.routes import STORE as NOTIFIER_STORE
+from services.notifier.store import DIGEST, NewNotification, insert_notifications
 from shared.amqp import Publisher
 from shared.events import NOTIFICATION_CREATED, NotificationEventData, new_event
 from tests.conftest import TestEnv
@@ -216,6 +218,32 @@ async def test_reconnect_resumes_missed_notifications_in_order_once(
     await ws.send_json({"type": "resume", "after": last_seen})
     seen = await frames_until(ws, lambda f: f["type"] == "resumed")
     assert [f["type"] for f in seen] == ["resumed"]
+    await ws.close()
+
+
+async def test_resume_sends_a_notification_stored_late_with_an_earlier_time(
+        stack: Stack) -> None:
+    """Feed order is event time; a notification whose event reached the notifier
+    late is stored after one the reader already has, with an earlier time. Reading
+    the feed down to the last one seen would skip it; resume must not."""
+    therapist, _, _ = await new_pair(stack)
+    store = stack.apps["notifier"][NOTIFIER_STORE]
+    now = datetime.now(UTC)
+
+    async def stored(created_at: datetime) -> str:
+        notification = NewNotification(
+            user_id=therapist.user_id, kind=DIGEST, relationship_id=None, message_id=None,
+            actor_id=None, event_id=None, created_at=created_at, details={"checkins": 1})
+        async with store.pool.acquire() as conn, conn.transaction():
+            [created] = await insert_notifications(conn, [notification])
+        return str(created)
+
+    last_seen = await stored(now)
+    late = await stored(now - timedelta(seconds=30))
+    ws = await open_stream(stack.base, stack.http, therapist, after=last_seen)
+    seen = await frames_until(ws, lambda f: f["type"] == "resumed")
+    assert [f["notification"]["id"] for f in seen if f["type"] == "notification"] == [late]
+    assert seen[-1] == {"type": "resumed", "after": last_seen, "count": 1, "complete": True}
     await ws.close()
 
 
