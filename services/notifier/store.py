@@ -8,6 +8,7 @@ scheduler's queries live in :mod:`services.notifier.scheduler_store`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -123,20 +124,12 @@ class HeldAlert:
 
 
 @dataclass(frozen=True, slots=True)
-class PendingReminder:
-    """A reminder neither sent nor cancelled."""
-
-    message_id: uuid.UUID
-    therapist_id: uuid.UUID
-    relationship_id: uuid.UUID
-    client_id: uuid.UUID
-    received_at: datetime
-    reply_by: datetime
-    remind_at: datetime | None
+class PendingReminder(NewReminder):
+    """A stored reminder, neither sent nor cancelled."""
 
     @classmethod
     def from_record(cls, record: Any) -> PendingReminder:
-        return cls(**{k: record[k] for k in cls.__slots__})
+        return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True, slots=True)
