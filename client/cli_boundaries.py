@@ -1,6 +1,6 @@
 """``interlude-client hours | away | agreement``: office hours, absences and agreements.
 
-The rules themselves live on the server (shared.boundaries, shared.schedule);
+The rules themselves live on the server (shared.boundaries, shared.schedule_time);
 here a spec, a time zone or a quiet-hours range is checked with the same parser
 first, so a typo is one clear line (exit 2) before anything is sent.
 """

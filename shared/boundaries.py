@@ -13,10 +13,9 @@ import dataclasses
 from datetime import UTC, datetime, time, timedelta
 from typing import Any, Literal, cast
 
-from shared.schedule import (
-    QuietHours,
-    ScheduleError,
-    WeeklySchedule,
+from shared.schedule import QuietHours, ScheduleError, WeeklySchedule
+from shared.schedule_parse import load_zone
+from shared.schedule_time import (
     add_business_days,
     add_office_time,
     is_open,
@@ -24,7 +23,6 @@ from shared.schedule import (
     office_windows_between,
     quiet_until,
 )
-from shared.schedule_parse import load_zone
 
 Period = Literal["week", "day"]
 ReplyUnit = Literal["office_hours", "business_days"]

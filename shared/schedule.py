@@ -1,9 +1,13 @@
-"""Office hours, absences and quiet hours: pure rules over injected instants.
+"""Office hours, absences and quiet hours: the value types, their checks and stored forms.
 
-Nothing here reads the clock; every rule takes ``now``/``at``/``start`` from its
-caller. Every datetime taken must be timezone-aware (a naive one is a
-ValueError) and is treated as the instant it denotes; every datetime returned
-is in UTC.
+``Window``, ``Absence``, ``WeeklySchedule`` and ``QuietHours`` are frozen and
+checked on construction (ScheduleError names the bad part); each parses from and
+formats to the CLI syntax or its JSON form via ``shared.schedule_parse``. The
+rules over them (``is_open``, ``next_alert_time``, ``office_windows_between``,
+``add_office_time``, ``add_business_days``, ``is_quiet``, ``quiet_until``) live
+in ``shared.schedule_time``, which reads the derived, cached views the types
+offer (``zone``, ``by_weekday``, ``absent_days``, ``absent_utc``). Both modules
+resolve wall times to instants with ``shared.wall_time``.
 
 Definitions, fixed here once for the whole system:
 
@@ -37,11 +41,10 @@ Definitions, fixed here once for the whole system:
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import functools
-from collections.abc import Iterable, Iterator
-from datetime import UTC, date, datetime, time, timedelta, tzinfo
+from collections.abc import Iterable
+from datetime import date, datetime, time, tzinfo
 
 from shared.schedule_parse import (
     DAY_NAMES,
@@ -64,28 +67,15 @@ from shared.schedule_parse import (
     window_from_json,
     window_to_json,
 )
+from shared.wall_time import ONE_DAY, next_day, wall_to_utc
 
 __all__ = [
-    "DEFAULT_HORIZON_DAYS",
     "Absence",
     "QuietHours",
     "ScheduleError",
     "WeeklySchedule",
     "Window",
-    "add_business_days",
-    "add_office_time",
-    "is_open",
-    "is_quiet",
-    "next_alert_time",
-    "office_windows_between",
-    "quiet_until",
 ]
-
-DEFAULT_HORIZON_DAYS = 366
-_ONE_DAY = timedelta(days=1)
-_TICK = timedelta(microseconds=1)
-Interval = tuple[datetime, datetime]
-
 
 @dataclasses.dataclass(frozen=True)
 class Window:
@@ -217,32 +207,34 @@ class WeeklySchedule:
         )
 
     @functools.cached_property
-    def _zone(self) -> tzinfo:
+    def zone(self) -> tzinfo:
+        """The zone ``tz`` names, loaded once."""
         return load_zone(self.tz)
 
     @functools.cached_property
-    def _by_weekday(self) -> tuple[tuple[Window, ...], ...]:
+    def by_weekday(self) -> tuple[tuple[Window, ...], ...]:
+        """The windows grouped by weekday: index 0 (Mon) to 6 (Sun), each sorted."""
         return tuple(tuple(w for w in self.windows if w.weekday == d) for d in range(7))
 
     @functools.cached_property
-    def _absent_days(self) -> tuple[tuple[date, date], ...]:
-        """Absences merged into disjoint, non-adjacent inclusive date ranges."""
+    def absent_days(self) -> tuple[tuple[date, date], ...]:
+        """Absences merged into sorted, disjoint, non-adjacent inclusive date ranges."""
         merged: list[tuple[date, date]] = []
         for absence in self.absences:
-            if merged and absence.first_day <= merged[-1][1] + _ONE_DAY:
+            if merged and absence.first_day <= merged[-1][1] + ONE_DAY:
                 merged[-1] = (merged[-1][0], max(merged[-1][1], absence.last_day))
             else:
                 merged.append((absence.first_day, absence.last_day))
         return tuple(merged)
 
     @functools.cached_property
-    def _absent_utc(self) -> tuple[tuple[datetime, ...], tuple[datetime, ...]]:
-        """Starts and ends of the absences as UTC instants, for bisecting."""
+    def absent_utc(self) -> tuple[tuple[datetime, ...], tuple[datetime, ...]]:
+        """Starts and ends of ``absent_days`` as sorted UTC instants, for bisecting."""
         starts: list[datetime] = []
         ends: list[datetime] = []
-        for first, last in self._absent_days:
-            starts.append(_resolve(first, time(0), self._zone))
-            ends.append(_resolve(_next_day(last), time(0), self._zone))
+        for first, last in self.absent_days:
+            starts.append(wall_to_utc(first, time(0), self.zone))
+            ends.append(wall_to_utc(next_day(last), time(0), self.zone))
         return tuple(starts), tuple(ends)
 
 
@@ -291,250 +283,9 @@ class QuietHours:
                    start=parse_time(start, where), end=parse_time(end, where, as_end=True))
 
     @functools.cached_property
-    def _zone(self) -> tzinfo:
+    def zone(self) -> tzinfo:
+        """The zone ``tz`` names, loaded once."""
         return load_zone(self.tz)
-
-
-# --- rules -------------------------------------------------------------------
-
-
-def is_open(schedule: WeeklySchedule, at: datetime) -> bool:
-    """Whether ``at`` is inside office hours (window starts inclusive, ends exclusive)."""
-    at = _utc(at, "at")
-    return next(_open_pieces(schedule, at, at + _TICK), None) is not None
-
-
-def next_alert_time(
-    schedule: WeeklySchedule, now: datetime, horizon_days: int = DEFAULT_HORIZON_DAYS
-) -> datetime | None:
-    """When the therapist can next be alerted: ``now`` if open, else the next opening.
-
-    The next opening is the start of the next window, or the first open instant
-    of a window whose beginning fell on an absence day (local midnight after the
-    absence). None when there is no office time in ``[now, now + horizon_days)``.
-    """
-    now = _utc(now, "now")
-    first = next(_open_pieces(schedule, now, _horizon(now, horizon_days)), None)
-    return None if first is None else first[0]
-
-
-def office_windows_between(
-    schedule: WeeklySchedule, start: datetime, end: datetime
-) -> list[Interval]:
-    """The office time in ``[start, end)`` as sorted, disjoint, merged UTC intervals.
-
-    Absences are removed; intervals are clipped to ``[start, end)``; windows that
-    touch (``Mon 22:00-24:00`` and ``Tue 00:00-02:00``) come out as one interval.
-    """
-    start, end = _utc(start, "start"), _utc(end, "end")
-    merged: list[Interval] = []
-    for begin, finish in _open_pieces(schedule, start, end):
-        if merged and begin <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], finish))
-        else:
-            merged.append((begin, finish))
-    return merged
-
-
-def add_office_time(
-    schedule: WeeklySchedule,
-    start: datetime,
-    duration: timedelta,
-    horizon_days: int = DEFAULT_HORIZON_DAYS,
-) -> datetime | None:
-    """The earliest instant by which exactly ``duration`` of office time has passed since ``start``.
-
-    Only time inside windows counts, absences excluded, to the microsecond. For a
-    positive duration the result lies inside a window or at its end. A zero
-    duration gives ``start``. None when the office time in
-    ``[start, start + horizon_days)`` is shorter than ``duration``.
-    """
-    start = _utc(start, "start")
-    if duration < timedelta(0):
-        raise ValueError(f"duration must not be negative, got {duration}")
-    if not duration:
-        return start
-    remaining = duration
-    for begin, finish in _open_pieces(schedule, start, _horizon(start, horizon_days)):
-        if finish - begin >= remaining:
-            return begin + remaining
-        remaining -= finish - begin
-    return None
-
-
-def add_business_days(
-    schedule: WeeklySchedule,
-    start: datetime,
-    days: int,
-    horizon_days: int = DEFAULT_HORIZON_DAYS,
-) -> datetime | None:
-    """The end of the ``days``-th office day after the local day of ``start``.
-
-    See the module docstring for *office day* and its end. ``days`` must be at
-    least 1. None when fewer than ``days`` office days follow within
-    ``horizon_days`` local days after the day of receipt.
-    """
-    start = _utc(start, "start")
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError(f"days must be a positive integer, got {days!r}")
-    zone = schedule._zone
-    receipt = start.astimezone(zone).date()
-    last = receipt + timedelta(days=_check_horizon(horizon_days))
-    day, counted = receipt + _ONE_DAY, 0
-    while day <= last:
-        absent_until = _absent_through(schedule, day)
-        if absent_until is not None:
-            day = absent_until + _ONE_DAY
-            continue
-        day_end: datetime | None = None
-        for window in schedule._by_weekday[day.weekday()]:
-            begin, finish = _window_interval(window, day, zone)
-            for piece in _minus_absences(schedule, begin, finish):
-                day_end = piece[1]
-        if day_end is not None:
-            counted += 1
-            if counted == days:
-                return day_end
-        day += _ONE_DAY
-    return None
-
-
-def is_quiet(quiet: QuietHours, at: datetime) -> bool:
-    """Whether ``at`` falls inside the client's quiet hours (start inclusive, end exclusive)."""
-    return _quiet_period(quiet, _utc(at, "at")) is not None
-
-
-def quiet_until(quiet: QuietHours, at: datetime) -> datetime:
-    """The end of the quiet period containing ``at``, or ``at`` itself when not quiet."""
-    until = _utc(at, "at")
-    # Periods can only touch when both bounds fall in one DST gap; a few steps cover that.
-    for _ in range(4):
-        period = _quiet_period(quiet, until)
-        if period is None:
-            break
-        until = period[1]
-    return until
-
-
-# --- internals ---------------------------------------------------------------
-
-
-def _open_pieces(schedule: WeeklySchedule, start: datetime, end: datetime) -> Iterator[Interval]:
-    """Open office time clipped to ``[start, end)``: ordered, disjoint, possibly touching.
-
-    Walks local days, not minutes. Wall-time resolution is monotonic and windows
-    do not overlap in local time, so pieces come out in order without sorting.
-    """
-    if end <= start or not schedule.windows:
-        return
-    zone = schedule._zone
-    day = _previous_day(start.astimezone(zone).date())  # last night's window may still run
-    last = _next_day(end.astimezone(zone).date())
-    while day <= last:
-        absent_until = _absent_through(schedule, day)
-        if absent_until is not None and absent_until > day:
-            # Windows starting on the last absent day may run past its midnight.
-            day = absent_until
-            continue
-        for window in schedule._by_weekday[day.weekday()]:
-            begin, finish = _window_interval(window, day, zone)
-            if begin >= end:
-                return
-            begin, finish = max(begin, start), min(finish, end)
-            if begin < finish:
-                yield from _minus_absences(schedule, begin, finish)
-        day += _ONE_DAY
-
-
-def _window_interval(window: Window, day: date, zone: tzinfo) -> Interval:
-    end_day = day if window.end > window.start else _next_day(day)
-    return _resolve(day, window.start, zone), _resolve(end_day, window.end, zone)
-
-
-def _minus_absences(schedule: WeeklySchedule, begin: datetime, end: datetime) -> Iterator[Interval]:
-    starts, ends = schedule._absent_utc
-    index = bisect.bisect_right(ends, begin)
-    cursor = begin
-    while index < len(starts) and starts[index] < end and cursor < end:
-        if starts[index] > cursor:
-            yield cursor, starts[index]
-        cursor = max(cursor, ends[index])
-        index += 1
-    if cursor < end:
-        yield cursor, end
-
-
-def _absent_through(schedule: WeeklySchedule, day: date) -> date | None:
-    """The last day of the absence covering ``day``, or None when ``day`` is not absent."""
-    ranges = schedule._absent_days
-    index = bisect.bisect_right(ranges, (day, date.max)) - 1
-    if index >= 0 and ranges[index][0] <= day <= ranges[index][1]:
-        return ranges[index][1]
-    return None
-
-
-def _quiet_period(quiet: QuietHours, at: datetime) -> Interval | None:
-    zone = quiet._zone
-    local_day = at.astimezone(zone).date()
-    # The day after is checked too: where clocks fall back across midnight, a
-    # local time late on one day can come after the next day's midnight.
-    for day in (_previous_day(local_day), local_day, _next_day(local_day)):
-        end_day = day if quiet.end > quiet.start else _next_day(day)
-        begin, end = _resolve(day, quiet.start, zone), _resolve(end_day, quiet.end, zone)
-        if begin <= at < end:
-            return begin, end
-    return None
-
-
-def _resolve(day: date, wall: time, zone: tzinfo) -> datetime:
-    """The UTC instant of a local wall time: the first occurrence if it repeats,
-    the transition (first valid instant after it) if it falls in a gap."""
-    naive = datetime.combine(day, wall)
-    first = naive.replace(tzinfo=zone).astimezone(UTC)
-    if first.astimezone(zone).replace(tzinfo=None) == naive:
-        return first
-    # In a gap, fold=0 applies the offset from before the transition and fold=1
-    # the one after, so the transition lies in (low, high]. Transitions fall on
-    # whole seconds; bisect on seconds to find it.
-    low = naive.replace(tzinfo=zone, fold=1).astimezone(UTC)
-    high = first
-    before = low.astimezone(zone).utcoffset()
-    lo_s, hi_s = int(low.timestamp()), int(high.timestamp())
-    while hi_s - lo_s > 1:
-        mid = (lo_s + hi_s) // 2
-        if datetime.fromtimestamp(mid, UTC).astimezone(zone).utcoffset() == before:
-            lo_s = mid
-        else:
-            hi_s = mid
-    return datetime.fromtimestamp(hi_s, UTC)
-
-
-def _utc(value: datetime, name: str) -> datetime:
-    if not isinstance(value, datetime):
-        raise TypeError(f"{name} must be a datetime, got {value!r}")
-    if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{name} must be timezone-aware, got naive {value.isoformat()}")
-    return value.astimezone(UTC)
-
-
-def _check_horizon(horizon_days: int) -> int:
-    if isinstance(horizon_days, bool) or not isinstance(horizon_days, int) or horizon_days < 1:
-        raise ValueError(f"horizon_days must be a positive integer, got {horizon_days!r}")
-    return horizon_days
-
-
-def _horizon(start: datetime, horizon_days: int) -> datetime:
-    limit = datetime(9999, 12, 1, tzinfo=UTC)  # room for a day of local-date arithmetic
-    days = _check_horizon(horizon_days)
-    return limit if limit - start <= timedelta(days=days) else start + timedelta(days=days)
-
-
-def _previous_day(day: date) -> date:
-    return day if day == date.min else day - _ONE_DAY
-
-
-def _next_day(day: date) -> date:
-    return day if day == date.max else day + _ONE_DAY
 
 
 def _as_tuple(window: Window) -> WindowTuple:
@@ -543,4 +294,3 @@ def _as_tuple(window: Window) -> WindowTuple:
 
 def _absence_key(absence: Absence) -> tuple[date, date, str, str]:
     return absence.first_day, absence.last_day, absence.id or "", absence.note or ""
-

@@ -15,7 +15,8 @@ from services.messaging.routes import member_relationship, require_role
 from services.messaging.store import NotFound
 from services.messaging.typedefs import BOUNDARIES, SETTINGS
 from shared.boundaries import Agreement
-from shared.schedule import QuietHours, ScheduleError, WeeklySchedule, is_open, next_alert_time
+from shared.schedule import QuietHours, ScheduleError, WeeklySchedule
+from shared.schedule_time import is_open, next_alert_time
 from shared.web import ApiError, identity_of, parse_model, parse_uuid, read_json, read_model
 
 

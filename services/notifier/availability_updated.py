@@ -19,11 +19,8 @@ from shared.boundaries import (
     reply_release_time,
 )
 from shared.events import AvailabilityEventData, Event, MalformedEvent, decode_data
-from shared.schedule import (
-    ScheduleError,
-    WeeklySchedule,
-    next_alert_time,
-)
+from shared.schedule import ScheduleError, WeeklySchedule
+from shared.schedule_time import next_alert_time
 
 
 def decode(event: Event) -> tuple[AvailabilityEventData, WeeklySchedule | None]:

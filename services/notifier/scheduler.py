@@ -28,7 +28,8 @@ from services.notifier.store import (
     PendingReminder,
     StoreUnavailable,
 )
-from shared.schedule import WeeklySchedule, is_open, next_alert_time
+from shared.schedule import WeeklySchedule
+from shared.schedule_time import is_open, next_alert_time
 
 log = structlog.get_logger(__name__)
 

@@ -17,8 +17,9 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from shared.boundaries import Agreement, reply_by
-from shared.schedule import WeeklySchedule, next_alert_time
+from shared.schedule import WeeklySchedule
 from shared.schedule_parse import DAY_NAMES
+from shared.schedule_time import next_alert_time
 from tests.e2e.helpers import Cli, Stack, enroll_pair, poll
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]

@@ -8,12 +8,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from shared.schedule import (
-    Absence,
-    QuietHours,
-    ScheduleError,
-    WeeklySchedule,
-    Window,
+from shared.schedule import Absence, QuietHours, ScheduleError, WeeklySchedule, Window
+from shared.schedule_time import (
     add_business_days,
     add_office_time,
     is_open,

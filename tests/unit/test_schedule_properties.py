@@ -11,12 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.schedule import (
-    Absence,
-    QuietHours,
-    ScheduleError,
-    WeeklySchedule,
-    Window,
+from shared.schedule import Absence, QuietHours, ScheduleError, WeeklySchedule, Window
+from shared.schedule_time import (
     add_business_days,
     add_office_time,
     is_open,
