@@ -12,7 +12,7 @@ from services.gateway.auth import auth_middleware
 from services.gateway.proxy import setup_proxy_routes
 from services.gateway.ratelimit import FailureLimiter
 from services.gateway.store import GatewayStore
-from services.gateway.stream import setup_stream
+from services.gateway.stream_hub import setup_stream
 from services.gateway.typedefs import LIMITER, MESSAGING, NOTIFIER, POOL, SETTINGS, STORE
 from services.gateway.upstream import Upstream
 from shared.db import check_database, create_pool

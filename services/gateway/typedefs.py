@@ -13,7 +13,7 @@ from services.gateway.upstream import Upstream
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from services.gateway.stream import StreamHub
+    from services.gateway.stream_hub import StreamHub
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
 POOL: web.AppKey[asyncpg.Pool] = web.AppKey("pool", asyncpg.Pool)
@@ -22,5 +22,5 @@ MESSAGING: web.AppKey[Upstream] = web.AppKey("messaging", Upstream)
 NOTIFIER: web.AppKey[Upstream] = web.AppKey("notifier", Upstream)
 LIMITER: web.AppKey[FailureLimiter] = web.AppKey("limiter", FailureLimiter)
 CALLER: web.RequestKey[Caller] = web.RequestKey("caller", Caller)
-# The stream module imports this one; its hub is known here by name only.
+# The stream modules import this one; its hub is known here by name only.
 STREAM_HUB: web.AppKey[StreamHub] = web.AppKey("stream_hub")

@@ -17,7 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from services.gateway import stream as stream_module
 from services.gateway.app import create_app as gateway_app
-from services.gateway.stream import StreamHub, _Push
+from services.gateway.stream import Push
+from services.gateway.stream_hub import StreamHub
 from services.gateway.typedefs import SETTINGS, STREAM_HUB
 from services.notifier.routes import STORE as NOTIFIER_STORE
 from services.notifier.store import DIGEST, NewNotification, insert_notifications
@@ -341,7 +342,7 @@ async def test_per_user_limit_and_slow_client(stack: Stack) -> None:
         assert "too many streams" in reason
         # More than the send queue holds, faster than it drains: that socket is dropped.
         for n in range(10):
-            hub.push(therapist.user_id, _Push({"type": "notification", "n": n}, str(n)))
+            hub.push(therapist.user_id, Push({"type": "notification", "n": n}, str(n)))
         for ws in (first, second):
             async with asyncio.timeout(WAIT):
                 while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:

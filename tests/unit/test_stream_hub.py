@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import structlog
 
-from services.gateway.stream import StreamHub, _Push
+from services.gateway.stream import Push
+from services.gateway.stream_hub import StreamHub
 from shared.events import (
     NOTIFICATION_CREATED,
     REPLY_SENT,
@@ -65,7 +66,7 @@ async def test_with_nobody_connected_events_are_not_decoded(
         decoded.append(body)
         return decode_event(body)
 
-    monkeypatch.setattr("services.gateway.stream.decode_event", spy)
+    monkeypatch.setattr("services.gateway.stream_hub.decode_event", spy)
     body, _ = notification(uuid.uuid4())
     with structlog.testing.capture_logs() as logs:
         for raw in (b"not json", body, reply_visible_in(30)):
@@ -87,7 +88,7 @@ async def test_with_someone_connected_events_are_read_and_routed() -> None:
         await hub.on_message(amqp_message(reply_visible_in(30)))
     assert [e["event"] for e in logs] == [MALFORMED]
     [pushed] = mine.offered
-    assert isinstance(pushed, _Push)
+    assert isinstance(pushed, Push)
     assert pushed.key == notification_id
     assert pushed.payload["notification"]["id"] == notification_id
     assert other.offered == []
