@@ -9,6 +9,7 @@ twice, or twice at the same time, applies each file exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import re
@@ -93,6 +94,24 @@ async def transaction_opened_with(conn: asyncpg.Connection, prelude: str) -> Asy
     if status != "COMMIT":
         # COMMIT of a transaction that failed inside answers ROLLBACK, not an error.
         raise asyncpg.InterfaceError(f"the transaction did not commit ({status})")
+
+
+async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
+    """``asyncpg.connect`` that a cancellation does not cut off mid-handshake.
+
+    Cancelled while it negotiates (it first asks the server for TLS), asyncpg
+    leaves behind a future with an exception nobody retrieves, which asyncio
+    logs as an error: a service stopped right after it started printed one.
+    Here the attempt runs to its end (at most ``timeout``), its connection is
+    closed, and the cancellation goes on."""
+    attempt = asyncio.ensure_future(asyncpg.connect(dsn, timeout=timeout))
+    try:
+        return await asyncio.shield(attempt)
+    except asyncio.CancelledError:
+        await asyncio.wait({attempt})
+        if not attempt.cancelled() and attempt.exception() is None:
+            attempt.result().terminate()
+        raise
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,

@@ -42,6 +42,7 @@ import asyncpg
 import structlog
 
 from shared.amqp import Publisher, PublishFailed, Unroutable
+from shared.db import connect
 from shared.events import Event
 
 log = structlog.get_logger(__name__)
@@ -247,7 +248,7 @@ class OutboxRelay:
                         error=exc.__class__.__name__, lease_seconds=CLAIM_LEASE_SECONDS)
 
     async def _listen(self) -> asyncpg.Connection:
-        conn: asyncpg.Connection = await asyncpg.connect(self._dsn, timeout=10)
+        conn = await connect(self._dsn)
         try:
             await conn.add_listener(self._outbox.channel, self._on_notify)
         except BaseException:
