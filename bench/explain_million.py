@@ -43,7 +43,8 @@ import asyncpg
 
 from bench.resources import DB_PREFIX, PG_BASE, create_database, drop_database
 from services.messaging.store import MessagingStore
-from services.notifier.store import FeedPosition, NotifierStore
+from services.notifier.feed_store import FeedPosition
+from services.notifier.store import NotifierStore
 from shared.db import migrate_all
 
 BIG_TABLES = {"messages", "notifications", "inbox"}

@@ -44,9 +44,8 @@ from services.notifier.store import (
     KINDS,
     REMINDER_REPLY_DUE,
     REPLY_RECEIVED,
-    StoreUnavailable,
-    reachable,
 )
+from services.notifier.unavailable import StoreUnavailable, reachable
 from services.notifier.webhooks import BadWebhookUrl, check_url
 from shared.web import ApiError, identity_of, parse_model, parse_uuid, query_int, read_json
 

@@ -29,7 +29,8 @@ from services.notifier import (
     checkin_submitted,
     reply_sent,
 )
-from services.notifier.store import EventTransaction, NotifierStore, StoreUnavailable
+from services.notifier.store import EventTransaction, NotifierStore
+from services.notifier.unavailable import StoreUnavailable
 from shared.amqp_consume import ConsumerState, PoisonMessage, consume_forever
 from shared.events import (
     AGREEMENT_UPDATED,

@@ -15,13 +15,9 @@ from typing import Any
 
 from aiohttp import web
 
-from services.notifier.store import (
-    FeedPosition,
-    Notification,
-    NotificationNotFound,
-    NotifierStore,
-    StoreUnavailable,
-)
+from services.notifier.feed_store import FeedPosition, Notification, NotificationNotFound
+from services.notifier.store import NotifierStore
+from services.notifier.unavailable import StoreUnavailable
 from shared.web import ApiError, identity_of, parse_uuid, query_int
 
 # Typed app state; app.py fills it in its cleanup contexts.

@@ -26,8 +26,8 @@ from services.notifier.store import (
     HeldAlert,
     NewNotification,
     PendingReminder,
-    StoreUnavailable,
 )
+from services.notifier.unavailable import StoreUnavailable
 from shared.schedule import WeeklySchedule
 from shared.schedule_time import is_open, next_alert_time
 

@@ -24,10 +24,10 @@ from services.notifier.store import (
     NewNotification,
     PendingReminder,
     insert_notifications,
-    reachable,
     recipient_lock_key,
     schedule_from_row,
 )
+from services.notifier.unavailable import reachable
 from shared.schedule import WeeklySchedule
 
 _HELD_COLUMNS = ("id, recipient_id, kind, relationship_id, message_id, actor_id, event_id,"

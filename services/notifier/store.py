@@ -1,22 +1,29 @@
-"""The notifier's SQL for the consumer and the feed: the inbox (dedupe), the
-read model of availability and agreements, held alerts, reminders, the feed.
+"""The consumer's event transaction: the inbox (dedupe), the recipient lock, and
+the queries an event handler runs inside its event's one transaction
+(:class:`EventTransaction`): the read model of availability and agreements;
+alerts made, held or re-planned; reminders added, re-planned or cancelled.
 
-Results are frozen dataclasses; failures are domain errors, never HTTP. The
-scheduler's queries live in :mod:`services.notifier.scheduler_store`.
+Here too are the kinds of notification and of held alert, and what the
+scheduler reads back of that work: held alerts, pending reminders, the
+recipient lock's key (its queries live in :mod:`services.notifier.scheduler_store`).
+:class:`NotifierStore`, the one store the app holds, is the feed's queries
+(:mod:`services.notifier.feed_store`) plus :meth:`NotifierStore.handle_event`.
+Results are frozen dataclasses; failures are domain errors, never HTTP.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
+
+from services.notifier.feed_store import FeedStore
 
 # Made in their own module, and re-exported here where the rest of the notifier looks.
 from services.notifier.notifications_store import NOTIFIER_OUTBOX as NOTIFIER_OUTBOX
@@ -24,6 +31,7 @@ from services.notifier.notifications_store import NewNotification as NewNotifica
 from services.notifier.notifications_store import NewReminder as NewReminder
 from services.notifier.notifications_store import create_notifications
 from services.notifier.notifications_store import insert_notifications as insert_notifications
+from services.notifier.unavailable import reachable
 from shared.boundaries import Agreement
 from shared.db import transaction_opened_with, uuid_literal
 from shared.schedule import WeeklySchedule
@@ -44,46 +52,8 @@ RECIPIENT_LOCK_NAMESPACE = 0x1D7E_0002
 # Event types that may be spliced into SQL text as they are (every real one).
 _PLAIN_EVENT_TYPE = re.compile(r"[a-z][a-z0-9_.]{0,63}")
 
-_COLUMNS = ("id, user_id, kind, relationship_id, message_id, actor_id, event_id, created_at,"
-            " read_at, details")
-_N_COLUMNS = ", ".join("n." + column.strip() for column in _COLUMNS.split(","))
 _HELD_COLUMNS = ("id, recipient_id, kind, relationship_id, message_id, actor_id, event_id,"
                  " urgent, beyond, created_at, released_at, release_at")
-
-# Failures that say the database is (for now) out of reach, not that the work is wrong.
-_UNAVAILABLE: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    OSError,
-    TimeoutError,
-)
-
-
-class StoreUnavailable(Exception):
-    """The database cannot be reached right now; the same call may succeed later."""
-
-
-class NotificationNotFound(LookupError):
-    """No such notification for this user."""
-
-
-@dataclass(frozen=True, slots=True)
-class Notification:
-    id: uuid.UUID
-    user_id: uuid.UUID
-    kind: str
-    relationship_id: uuid.UUID | None
-    message_id: uuid.UUID | None
-    actor_id: uuid.UUID | None
-    event_id: uuid.UUID | None
-    created_at: datetime
-    read_at: datetime | None
-    details: dict[str, Any] | None
-
-    @classmethod
-    def from_record(cls, record: Any) -> Notification:
-        return cls(**dict(record.items()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,29 +100,6 @@ class PendingReminder(NewReminder):
     @classmethod
     def from_record(cls, record: Any) -> PendingReminder:
         return cls(**{f.name: record[f.name] for f in dataclasses.fields(cls)})
-
-
-@dataclass(frozen=True, slots=True)
-class FeedPosition:
-    """Where a page of the feed ended: the last row's sort key."""
-
-    created_at: datetime
-    id: uuid.UUID
-
-
-@dataclass(frozen=True, slots=True)
-class FeedPage:
-    items: tuple[Notification, ...]
-    next_position: FeedPosition | None
-
-
-@contextlib.asynccontextmanager
-async def reachable() -> AsyncIterator[None]:
-    """Turn "the database is out of reach" failures into :class:`StoreUnavailable`."""
-    try:
-        yield
-    except _UNAVAILABLE as exc:
-        raise StoreUnavailable(exc.__class__.__name__) from exc
 
 
 def recipient_lock_key(recipient_id: uuid.UUID) -> int:
@@ -337,20 +284,16 @@ class EventTransaction:
 EventWork = Callable[[EventTransaction], Awaitable[None]]
 
 
-class NotifierStore:
-    """Every query of the consumer and the feed, over one asyncpg pool."""
+class NotifierStore(FeedStore):
+    """The consumer's event transaction and the feed's queries, over one asyncpg pool."""
 
     def __init__(self, pool: asyncpg.Pool, *,
                  wake_relay: Callable[[], None] | None = None) -> None:
         """With ``wake_relay``, an event whose transaction announced notifications
         calls it after the commit, instead of sending its relay a NOTIFY
         through Postgres (one fewer per alert; used when this process runs it)."""
-        self._pool = pool
+        super().__init__(pool)
         self._wake_relay = wake_relay
-
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
 
     async def handle_event(self, event_id: uuid.UUID, event_type: str, work: EventWork, *,
                            lock_user: uuid.UUID | None = None) -> bool:
@@ -398,73 +341,3 @@ class NotifierStore:
             await tx.notify(notifications)
 
         return await self.handle_event(event_id, event_type, work)
-
-    async def stored_after(self, user_id: uuid.UUID, notification_id: uuid.UUID, *,
-                           limit: int) -> list[Notification] | None:
-        """``user_id``'s notifications stored after ``notification_id``, in the order
-        they were stored, at most ``limit``; None if that notification is not
-        theirs (or does not exist).
-
-        Not the feed's order: a notification can be stored after one with a later
-        ``created_at`` (its event arrived late), and the feed would put it below
-        the one a reader saw last. This is what a stream's resume reads.
-        """
-        async with reachable(), self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"/* stored_after */ SELECT m.found, {_N_COLUMNS}"
-                " FROM (SELECT true AS found, seq FROM notifier.notifications"
-                "  WHERE id = $2 AND user_id = $1) m"
-                " LEFT JOIN LATERAL (SELECT * FROM notifier.notifications"
-                "  WHERE user_id = $1 AND seq > m.seq ORDER BY seq LIMIT $3) n ON true"
-                " ORDER BY n.seq",
-                user_id, notification_id, limit)
-        if not rows:
-            return None
-        return [Notification.from_record({k: v for k, v in row.items() if k != "found"})
-                for row in rows if row["id"] is not None]
-
-    async def feed(self, user_id: uuid.UUID, *, limit: int, after: FeedPosition | None = None,
-                   unread_only: bool = False) -> FeedPage:
-        """One page of ``user_id``'s notifications, newest first, after ``after``."""
-        conditions = ["user_id = $1"]
-        args: list[Any] = [user_id, limit + 1]
-        if after is not None:
-            args += [after.created_at, after.id]
-            conditions.append("(created_at, id) < ($3, $4)")
-        if unread_only:
-            conditions.append("read_at IS NULL")
-        async with reachable(), self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                f"/* feed */ SELECT {_COLUMNS} FROM notifier.notifications"
-                f" WHERE {' AND '.join(conditions)}"
-                " ORDER BY created_at DESC, id DESC LIMIT $2",
-                *args,
-            )
-        items = tuple(Notification.from_record(row) for row in rows[:limit])
-        more = len(rows) > limit
-        last = items[-1] if items else None
-        position = FeedPosition(last.created_at, last.id) if more and last else None
-        return FeedPage(items=items, next_position=position)
-
-    async def mark_read(self, user_id: uuid.UUID, notification_id: uuid.UUID) -> Notification:
-        """Mark one of ``user_id``'s notifications read (idempotent: the first time stays)."""
-        async with reachable(), self._pool.acquire() as conn:
-            row = await conn.fetchrow(
-                "/* mark_read */ UPDATE notifier.notifications"
-                " SET read_at = COALESCE(read_at, now())"
-                f" WHERE id = $1 AND user_id = $2 RETURNING {_COLUMNS}",
-                notification_id, user_id,
-            )
-        if row is None:
-            raise NotificationNotFound(str(notification_id))
-        return Notification.from_record(row)
-
-    async def mark_all_read(self, user_id: uuid.UUID) -> int:
-        """Mark every unread notification of ``user_id`` read; returns how many."""
-        async with reachable(), self._pool.acquire() as conn:
-            status = await conn.execute(
-                "/* mark_all_read */ UPDATE notifier.notifications SET read_at = now()"
-                " WHERE user_id = $1 AND read_at IS NULL",
-                user_id,
-            )
-        return int(status.rsplit(" ", 1)[-1])

@@ -10,8 +10,9 @@ import pytest
 
 from services.notifier import checkin_submitted, reply_sent
 from services.notifier.consumer import HANDLERS, normalise_event, read_clock
+from services.notifier.feed_store import FeedPosition
 from services.notifier.routes import decode_cursor, encode_cursor
-from services.notifier.store import CHECKIN_RECEIVED, REPLY_RECEIVED, FeedPosition
+from services.notifier.store import CHECKIN_RECEIVED, REPLY_RECEIVED
 from shared.boundaries import Agreement
 from shared.events import (
     AGREEMENT_UPDATED,
