@@ -1,17 +1,20 @@
 """Start one service in this process: settings, logging, then the aiohttp app.
 
-SIGTERM or SIGINT stops it gracefully: the listening socket closes without
-resetting a connection still waiting in the kernel's accept queue
-(``shared.listener``), a connection accepted just before the stop gets a moment
-for its request to arrive, requests in progress get ``SHUTDOWN_TIMEOUT`` to
-finish, then the app's own shutdown runs (consumers finish their current
-message, relays give back their claim).
+The address is listened on before the app starts (a port in use is one line
+on stderr and exit 1). SIGTERM or SIGINT stops it gracefully: the listening
+socket closes without resetting a connection that was queued on it or still
+in its handshake (``shared.listener``), a connection accepted just before the
+stop gets a moment for its request to arrive, requests in progress get
+``SHUTDOWN_TIMEOUT`` to finish, then the app's own shutdown runs (consumers
+finish their current message, relays give back their claim). A second SIGINT
+stops at once, with exit 1.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import signal
 import sys
 import time
@@ -27,6 +30,9 @@ from shared.settings import Settings, SettingsError, load_settings
 SERVICES = ("gateway", "messaging", "notifier")
 # Requests already accepted get this long to finish after SIGTERM.
 SHUTDOWN_TIMEOUT = 15.0
+# An idle keep-alive connection (or one that never sends a request) is closed
+# after this long (aiohttp's run_app default; AppRunner's own is an hour).
+KEEPALIVE_TIMEOUT = 75.0
 # A connection accepted this recently when the stop comes may not have sent its
 # request yet: it is given the rest of this time before idle connections close.
 FIRST_REQUEST_GRACE = 0.5
@@ -57,7 +63,7 @@ def run_service(service: str) -> NoReturn:
     port = port_of(settings, service)
     log.info("starting", host=settings.host, port=port, env=settings.env)
     try:
-        asyncio.run(serve(app, settings.host, port))
+        asyncio.run(serve(app, settings.host, port, name=f"interlude {service}"))
     except ListenError as exc:
         print(f"interlude {service}: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -68,31 +74,58 @@ class ListenError(Exception):
     """The service's address could not be listened on (in use, say)."""
 
 
-async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve ``app`` until SIGTERM or SIGINT, then stop as the module says."""
+async def serve(app: web.Application, host: str, port: int, *,
+                keepalive_timeout: float = KEEPALIVE_TIMEOUT, name: str = "interlude") -> None:
+    """Serve ``app`` until SIGTERM or SIGINT, then stop as the module says.
+
+    The address is taken before the app starts, so a port in use fails at once
+    (``ListenError``); connections that come while it starts wait in the queue.
+    A second SIGINT ends the process at once: one line on stderr, exit 1."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+
+    def on_signal(signum: signal.Signals) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            print(f"{name}: interrupted twice, exiting without finishing the stop",
+                  file=sys.stderr, flush=True)
+            sys.stdout.flush()
+            os._exit(1)
+        stop.set()
+
     runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                           keepalive_timeout=keepalive_timeout,
                            shutdown_timeout=SHUTDOWN_TIMEOUT)
-    await runner.setup()
-    assert runner.server is not None  # setup() made it
+    listener = DrainingListener(lambda: _server_of(runner)(), host, port)
     try:
-        listener = DrainingListener(runner.server, host, port)
+        await listener.bind()
+    except OSError as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
         try:
-            await listener.start()
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {host}:{port}: "
-                              f"{exc.strerror or exc}") from None
+            await runner.setup()
+        except BaseException:
+            await listener.close(drain=False)
+            raise
         try:
-            await stop.wait()
+            try:
+                if not stop.is_set():
+                    listener.start()
+                    await stop.wait()
+            finally:
+                taken = await listener.close()
+            log.info("stopping", queued_connections_taken=taken)
+            await asyncio.sleep(max(0.0, listener.last_accept + FIRST_REQUEST_GRACE
+                                    - time.monotonic()))
         finally:
-            taken = await listener.close()
-        log.info("stopping", queued_connections_taken=taken)
-        await asyncio.sleep(max(0.0, listener.last_accept + FIRST_REQUEST_GRACE
-                                - time.monotonic()))
+            await runner.cleanup()
     finally:
-        await runner.cleanup()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+
+
+def _server_of(runner: web.AppRunner) -> web.Server:
+    if runner.server is None:
+        raise RuntimeError("the app runner is not set up")
+    return runner.server

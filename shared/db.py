@@ -102,16 +102,28 @@ async def connect(dsn: str, *, timeout: float = 10.0) -> asyncpg.Connection:
     Cancelled while it negotiates (it first asks the server for TLS), asyncpg
     leaves behind a future with an exception nobody retrieves, which asyncio
     logs as an error: a service stopped right after it started printed one.
-    Here the attempt runs to its end (at most ``timeout``), its connection is
-    closed, and the cancellation goes on."""
+    Here the attempt is left to end on its own (at most ``timeout``) and its
+    connection, if it makes one, is closed; the cancellation goes on after at
+    most ``ORPHAN_WAIT_SECONDS``, so a stop is not held up by a slow server."""
     attempt = asyncio.ensure_future(asyncpg.connect(dsn, timeout=timeout))
     try:
         return await asyncio.shield(attempt)
     except asyncio.CancelledError:
-        await asyncio.wait({attempt})
-        if not attempt.cancelled() and attempt.exception() is None:
-            attempt.result().terminate()
+        attempt.add_done_callback(_discard_attempt)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait({attempt}, timeout=ORPHAN_WAIT_SECONDS)
         raise
+
+
+# How long a cancelled connect() waits for its attempt before letting go of it.
+ORPHAN_WAIT_SECONDS = 1.0
+
+
+def _discard_attempt(attempt: asyncio.Future[asyncpg.Connection]) -> None:
+    if attempt.cancelled():
+        return
+    if attempt.exception() is None:  # retrieves a failure, so asyncio does not log it
+        attempt.result().terminate()
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10,

@@ -26,6 +26,7 @@ import structlog
 
 from services.notifier.deliveries_store import DELIVERIES_CHANNEL, DeliveryStore
 from services.notifier.senders import Claimed, DeliveryFailed, Sender
+from shared.db import connect
 
 log = structlog.get_logger(__name__)
 
@@ -110,7 +111,7 @@ class DeliveryWorker:
                 try:
                     if listen_conn is None or listen_conn.is_closed():
                         self.state.listening = False
-                        listen_conn = await asyncpg.connect(self._dsn, timeout=10)
+                        listen_conn = await connect(self._dsn)
                         await listen_conn.add_listener(DELIVERIES_CHANNEL, self._on_notify)
                         self.state.listening = True
                     self._wake.clear()

@@ -217,8 +217,9 @@ class Outcome:
     statuses: Counter[int] = field(default_factory=Counter)
     resets: int = 0          # a connection broken before an answer came
     refused: int = 0         # could not connect at all (nothing was sent)
-    # A reset whose request had in fact been stored (its retry was answered 200, a
-    # replay): the server accepted it and the answer was lost on the way.
+    # A failed attempt (a reset, or a 502/503, e.g. from the gateway's hop to a
+    # stopping service) whose request had in fact been stored: its retry was
+    # answered 200, a replay. The server accepted it and the answer was lost.
     answers_lost: int = 0
     slowest: float = 0.0
 
@@ -255,7 +256,7 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                 await asyncio.sleep(max(0.0, start + index / rate - time.monotonic()))
             key = str(item.message_id)
             give_up = time.monotonic() + retry_for
-            was_reset = False
+            failed_before = False
             while time.monotonic() < give_up:
                 started = time.monotonic()
                 try:
@@ -270,17 +271,18 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                         outcome.slowest = max(outcome.slowest, time.monotonic() - started)
                         if response.status < 300:
                             outcome.accepted.add(item.message_id)
-                            if was_reset and response.status == 200:
+                            if failed_before and response.status == 200:
                                 outcome.answers_lost += 1
                             break
                         assert response.status in (502, 503), (
                             response.status, await response.text())
+                        failed_before = True
                 except aiohttp.ClientConnectorError:
                     outcome.refused += 1
                 except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
                         aiohttp.ClientPayloadError, TimeoutError):
                     outcome.resets += 1
-                    was_reset = True
+                    failed_before = True
                 await asyncio.sleep(0.2)
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:

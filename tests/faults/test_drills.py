@@ -132,9 +132,10 @@ async def test_graceful_shutdown_under_load_resets_nothing(drill: Drill, service
         stop_and_start())
     assert mid_stream == [True], "the stop came after the stream: the drill proves nothing"
     # No connection was reset: requests in progress completed with their answer,
-    # and so did those still waiting in the kernel's accept queue when the
-    # listener closed (shared.listener). Connects after the close are refused
-    # (nothing was sent on them) and retried with the same Idempotency-Key.
+    # and so did those queued on the listener when it closed (shared.listener).
+    # Connects after the close are refused (nothing was sent on them) and
+    # retried with the same Idempotency-Key. No check-in was stored and then
+    # answered with an error either, on the gateway's hop to a stopping service.
     assert outcome.resets == 0, outcome
     assert outcome.answers_lost == 0, outcome
     assert 500 not in outcome.statuses

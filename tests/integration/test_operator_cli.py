@@ -146,7 +146,6 @@ def test_a_port_in_use_stops_a_service_with_one_line(test_env: TestEnv) -> None:
         taken.listen(1)
         port = taken.getsockname()[1]
         result = run(["serve", "messaging"], test_env.env(INTERLUDE_MESSAGING_PORT=str(port)))
-    print(result.stderr)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"interlude messaging: cannot listen on 127.0.0.1:{port}:"
                                      " Address already in use")
