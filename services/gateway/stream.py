@@ -7,7 +7,8 @@ feeds it; the events come from this process's hub
 A socket is fed through a bounded queue drained by one sender task: a slow
 client is dropped (1013) and never holds up the others. What a client missed
 (a reconnect, a broker outage) it asks for with ``resume``, which reads the
-notifier's feed as the caller.
+caller's notifications stored after the last one seen (an internal notifier
+route).
 """
 
 from __future__ import annotations
