@@ -276,6 +276,11 @@ async def drive(base: str, items: list[Prepared], *, concurrency: int = 16,
                             break
                         assert response.status in (502, 503), (
                             response.status, await response.text())
+                        if response.status == 503:
+                            # An outage is said as such: when to retry, and why, in JSON.
+                            assert response.headers.get("Retry-After", "").isdigit(), (
+                                dict(response.headers))
+                            assert (await response.json())["error"]["code"] == "unavailable"
                         failed_before = True
                 except aiohttp.ClientConnectorError:
                     outcome.refused += 1
