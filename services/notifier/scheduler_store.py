@@ -106,6 +106,14 @@ class SchedulerStore:
                         "/* remind */ UPDATE notifier.reminders SET remind_at = $2"
                         " WHERE message_id = $1", row["message_id"], decision.retry_at)
                     continue
+                # The recipient's notifications are stored one transaction at a
+                # time (EventTransaction.notify); if a handler holds them now,
+                # this reminder waits for the next tick. Try, never wait: the
+                # handler may be about to cancel this very row, which we hold.
+                if not await conn.fetchval(
+                        "/* remind */ SELECT pg_try_advisory_xact_lock($1, $2)",
+                        RECIPIENT_LOCK_NAMESPACE, recipient_lock_key(decision.send.user_id)):
+                    continue
                 await insert_notifications(conn, [decision.send])
                 await conn.execute(
                     "/* remind */ UPDATE notifier.reminders SET sent_at = $2"

@@ -176,11 +176,22 @@ class EventTransaction:
 
     async def notify(self, notifications: Sequence[NewNotification], *,
                      reminder: NewReminder | None = None) -> None:
-        """Create ``notifications`` and, in the same statement, ``reminder``."""
+        """Create ``notifications`` and, in the same statement, ``reminder``.
+
+        Each recipient's lock is held first (the handler's therapist already
+        holds theirs; a reply's client is locked here), so one user's
+        notifications are stored one transaction at a time: their stored order,
+        which a stream's resume follows, is then the order they committed in.
+        Two therapists' lanes notifying the same client would otherwise store
+        seq 10 and 11 and commit 11 first, and a resume after 11 would miss 10.
+        """
         if not notifications:
             if reminder is not None:
                 await self.add_reminder(reminder)
             return
+        for user_id in sorted({n.user_id for n in notifications} - self._locked,
+                              key=recipient_lock_key):
+            await self.lock_user(user_id)
         created = await create_notifications(
             self._conn, notifications, notify_relay=self._notify_relay,
             reminders=() if reminder is None else (reminder,))

@@ -16,13 +16,21 @@ import pytest
 
 from services.notifier.deliveries_store import DELIVERIES_CHANNEL
 from services.notifier.notifications_store import create_notifications
+from services.notifier.scheduler import reminder_decision
+from services.notifier.scheduler_store import SchedulerStore
 from services.notifier.store import (
     CHECKIN_RECEIVED,
     DIGEST,
     NOTIFIER_OUTBOX,
+    RECIPIENT_LOCK_NAMESPACE,
+    REMINDER_REPLY_DUE,
+    REPLY_RECEIVED,
+    EventTransaction,
     NewNotification,
     NewReminder,
+    NotifierStore,
     insert_notifications,
+    recipient_lock_key,
 )
 from shared.db import create_pool, migrate_all
 from shared.events import NOTIFICATION_CREATED
@@ -254,3 +262,68 @@ async def test_a_reminder_travels_in_the_notification_statement(pool: asyncpg.Po
     with pytest.raises(ValueError, match="travel with notifications"):
         async with pool.acquire() as conn:
             await create_notifications(conn, [], reminders=[reminder])
+
+
+async def test_one_users_notifications_are_stored_in_the_order_they_commit(
+        db_pool: asyncpg.Pool) -> None:
+    """Two therapists' lanes notifying the same client: the second waits for the
+    first to commit, so stored order (what a stream's resume follows) is commit
+    order. Without the client's lock the second stored after the first and
+    committed before it."""
+    store = NotifierStore(db_pool)
+    client, therapist_a, therapist_b = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    first_inside, release_first = asyncio.Event(), asyncio.Event()
+
+    events = {therapist_a: uuid.uuid4(), therapist_b: uuid.uuid4()}
+
+    def reply_from(therapist: uuid.UUID) -> NewNotification:
+        return NewNotification(
+            user_id=client, kind=REPLY_RECEIVED, relationship_id=uuid.uuid4(),
+            message_id=uuid.uuid4(), actor_id=therapist, event_id=events[therapist],
+            created_at=datetime.now(UTC))
+
+    async def first(tx: EventTransaction) -> None:
+        await tx.notify([reply_from(therapist_a)])
+        first_inside.set()
+        await release_first.wait()
+
+    async def second(tx: EventTransaction) -> None:
+        await tx.notify([reply_from(therapist_b)])
+
+    one = asyncio.create_task(store.handle_event(events[therapist_a], "reply.sent", first,
+                                                 lock_user=therapist_a))
+    await asyncio.wait_for(first_inside.wait(), 10)
+    two = asyncio.create_task(store.handle_event(events[therapist_b], "reply.sent", second,
+                                                 lock_user=therapist_b))
+    await asyncio.sleep(0.5)
+    assert not two.done(), "the second lane stored for the client while the first was open"
+    release_first.set()
+    assert await asyncio.wait_for(asyncio.gather(one, two), 10) == [True, True]
+    rows = await db_pool.fetch("SELECT actor_id FROM notifier.notifications"
+                               " WHERE user_id = $1 ORDER BY seq", client)
+    assert [row["actor_id"] for row in rows] == [therapist_a, therapist_b]
+
+
+async def test_a_reminder_waits_while_a_handler_holds_its_therapist(
+        db_pool: asyncpg.Pool) -> None:
+    """The scheduler stores a reminder only under its recipient's lock, tried,
+    never waited for (the handler holding it may cancel the very row)."""
+    therapist, message = uuid.uuid4(), uuid.uuid4()
+    # Due long ago, so no other test's reminder is due at this ``now``.
+    due = datetime(2001, 1, 1, 9, tzinfo=UTC)
+    await db_pool.execute(
+        "INSERT INTO notifier.reminders (message_id, therapist_id, relationship_id, client_id,"
+        " received_at, reply_by, remind_at) VALUES ($1, $2, $3, $4, $5, $6, $5)",
+        message, therapist, uuid.uuid4(), uuid.uuid4(), due, due + timedelta(days=1))
+    store = SchedulerStore(db_pool)
+    async with db_pool.acquire() as handler, handler.transaction():
+        await handler.execute("SELECT pg_advisory_xact_lock($1, $2)",
+                              RECIPIENT_LOCK_NAMESPACE, recipient_lock_key(therapist))
+        sent = await asyncio.wait_for(store.remind(due, reminder_decision, limit=10), 10)
+        assert sent == 0
+    assert await store.remind(due, reminder_decision, limit=10) == 1
+    assert await db_pool.fetchval(
+        "SELECT sent_at FROM notifier.reminders WHERE message_id = $1", message) == due
+    kinds = await db_pool.fetch("SELECT kind FROM notifier.notifications WHERE user_id = $1",
+                                therapist)
+    assert [row["kind"] for row in kinds] == [REMINDER_REPLY_DUE]
